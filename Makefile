@@ -1,0 +1,67 @@
+# Two entry points on a fresh machine (Debian, root or sudo):
+#   make test   system packages, .venv, C++ build, ctest and pytest
+#   make demo   the main job
+# Everything else here is what those two need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUILD := build
+STAMPS := .stamps
+JOBS ?= 2
+APT_PACKAGES := cmake g++ libeigen3-dev libfmt-dev catch2 libdlpack-dev libopenblas-openmp-dev
+CMAKE_ARGS ?=
+
+.PHONY: all deps build python test test-cpp test-python demo bench clean
+
+all: build
+
+deps: $(STAMPS)/apt $(STAMPS)/venv
+
+$(STAMPS)/apt:
+	@mkdir -p $(STAMPS)
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+	  echo "== installing system packages: $(APT_PACKAGES)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	fi
+	@touch $@
+
+# torch goes in first and alone: `pip install torch==2.13.0` takes the CPU
+# build from local disk; anything asking for torch afterwards is satisfied.
+$(STAMPS)/venv: requirements-dev.txt
+	@mkdir -p $(STAMPS)
+	@echo "== creating $(VENV)"
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-dev.txt
+	@touch $@
+
+build: deps
+	@echo "== building the C++ library, tests and examples in $(BUILD)/"
+	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
+	  -DCMAKE_BUILD_TYPE=Release $(CMAKE_ARGS)
+	cmake --build $(BUILD) -j $(JOBS)
+
+python: deps
+	@echo "== building and installing the Python package (editable) into $(VENV)"
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test-cpp: build
+	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+
+test-python: python
+	$(PY) -m pytest
+
+test: test-cpp test-python
+
+demo: build
+	@echo "== RTN vs GPTQ on a realistic 2048x2048 layer"
+	./$(BUILD)/examples/quantize_layer
+
+bench: build python
+	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) benchmarks/bench_core.py
+
+clean:
+	rm -rf $(BUILD) $(STAMPS)

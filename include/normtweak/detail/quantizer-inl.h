@@ -1,0 +1,296 @@
+// Bodies of Quantizer<RTN> and Quantizer<GPTQ>. Included by src/quantizer.cpp
+// for the explicit instantiations, or by rtn.h/gptq.h when
+// NORMTWEAK_HEADER_ONLY is defined.
+#pragma once
+
+#include "normtweak/detail/convert.h"
+#include "normtweak/detail/linalg.h"
+#include "normtweak/gptq.h"
+#include "normtweak/log.h"
+#include "normtweak/rtn.h"
+#include "normtweak/threading.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+namespace normtweak {
+namespace detail {
+
+inline std::string layer_label(const std::string& name) { return name.empty() ? std::string("<unnamed>") : name; }
+
+inline RowMatrix<float> load_weights(const TensorView& W, const std::string& layer) {
+  require_rank(W, 2, "W");
+  require_cpu(W, "W");
+  require_floating(W, "W");
+  const std::int64_t m = W.size(0), n = W.size(1);
+  NT_CHECK(m > 0 && n > 0, "W of layer '{}' has an empty shape {}", layer_label(layer), W.shape_str());
+  RowMatrix<float> out(m, n);
+  const std::int64_t bad = copy_rows<float>(W, 0, m, out.data());
+  NT_CHECK(bad == 0, "W of layer '{}' contains {} NaN/Inf values; the weights are broken, check the checkpoint",
+           layer_label(layer), bad);
+  return out;
+}
+
+inline void init_result(QuantResult& res, const QuantSpec& spec, std::int64_t m, std::int64_t n, const char* method) {
+  const std::int64_t G = spec.num_groups(n);
+  res.method = method;
+  res.codes.resize(m, n);
+  res.scales.resize(m, G);
+  res.zeros.resize(m, G);
+  res.g_idx.assign(static_cast<std::size_t>(n), 0);
+}
+
+inline QuantResult quantize_impl(RTN, const QuantSpec& spec, const RTN::config& cfg, const TensorView& Wv,
+                                 const TensorView&) {
+  QuantResult res;
+  res.Q = load_weights(Wv, cfg.layer_name);
+  const std::int64_t m = res.Q.rows(), n = res.Q.cols();
+  spec.validate_for(n);
+  init_result(res, spec, m, n, RTN::name);
+  const std::int64_t gs = spec.grouped() ? spec.group_size : n, G = n / gs;
+  const int maxq = spec.maxq();
+  for (std::int64_t c = 0; c < n; ++c) res.g_idx[c] = spec.grouped() ? static_cast<std::int32_t>(c / gs) : 0;
+  std::vector<double> row_loss(static_cast<std::size_t>(m), 0.0);
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+  for (std::int64_t r = 0; r < m; ++r) {
+    float* w = res.Q.data() + r * n;
+    std::uint8_t* code = res.codes.data() + r * n;
+    double loss = 0.0;
+    for (std::int64_t g = 0; g < G; ++g) {
+      const QuantParams p = find_params(w + g * gs, gs, 1, spec);
+      res.scales(r, g) = p.scale;
+      res.zeros(r, g) = p.zero;
+      for (std::int64_t c = g * gs; c < (g + 1) * gs; ++c) {
+        const float x = w[c];
+        const float qc = quantize_code(x, p, maxq);
+        const float q = dequantize_code(qc, p);
+        code[c] = static_cast<std::uint8_t>(qc);
+        w[c] = q;
+        loss += static_cast<double>(x - q) * static_cast<double>(x - q);
+      }
+    }
+    row_loss[r] = loss;
+  }
+  res.loss = std::accumulate(row_loss.begin(), row_loss.end(), 0.0);
+  return res;
+}
+
+// Upper Cholesky factor U of H^-1 (U^T U = H^-1), computed as
+// U = J chol(J H J)^-1 J with J the reversal permutation: one Cholesky and one
+// triangular inverse instead of the reference's Cholesky, inverse and second
+// Cholesky. `order` maps working column i to the row/column of H it takes
+// (act-order), `damp` is added to the diagonal. Returns the LAPACK info (0 on
+// success); on success Hinv holds U.
+inline int hinv_upper(const RowMatrix<float>& H, const std::vector<std::int32_t>& order, float damp,
+                      RowMatrix<float>& Hinv) {
+  const std::int64_t n = H.rows();
+  Hinv.resize(n, n);
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int64_t hi = order[n - 1 - i];
+    for (std::int64_t j = 0; j <= i; ++j) Hinv(i, j) = H(hi, order[n - 1 - j]);
+    Hinv(i, i) += damp;
+  }
+  const int ni = static_cast<int>(n);
+  int info = cholesky_lower(ni, Hinv.data(), ni);
+  if (info == 0) info = invert_lower(ni, Hinv.data(), ni);
+  if (info != 0) return info;
+  // Rotate by 180 degrees: the lower-triangular inverse becomes U (upper).
+  // Strictly lower entries land in the strictly upper triangle, which holds
+  // nothing yet; the diagonal is reversed separately.
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+  for (std::int64_t i = 1; i < n; ++i) {
+    for (std::int64_t j = 0; j < i; ++j) {
+      Hinv(n - 1 - i, n - 1 - j) = Hinv(i, j);
+      Hinv(i, j) = 0.f;
+    }
+  }
+  for (std::int64_t i = 0; i < n / 2; ++i) std::swap(Hinv(i, i), Hinv(n - 1 - i, n - 1 - i));
+  return 0;
+}
+
+// Columns per lazy batch. Group parameters are computed from the current
+// (error-updated) weights when a group starts; a group must therefore not
+// start inside one batch and end inside the next, or it would see columns
+// that still miss this batch's updates. (The reference reads the stale copy
+// in that case; we keep the column-by-column algorithm's semantics instead.)
+inline std::int64_t effective_blocksize(const QuantSpec& spec, const GPTQ::config& cfg) {
+  std::int64_t B = cfg.blocksize;
+  if (spec.grouped() && !cfg.static_groups) {
+    const std::int64_t gs = spec.group_size;
+    if (B % gs != 0 && gs % B != 0) B = std::gcd(B, gs);
+  }
+  return B;
+}
+
+inline RowMatrix<float> load_hessian(const TensorView& Hv, std::int64_t n, const std::string& layer) {
+  NT_CHECK(Hv.data() != nullptr && Hv.numel() > 0,
+           "GPTQ needs the Hessian H [in_features, in_features] of layer '{}'; accumulate it with HessianAccumulator",
+           layer_label(layer));
+  require_rank(Hv, 2, "H");
+  require_cpu(Hv, "H");
+  NT_CHECK(Hv.type() == dtype::f32 || Hv.type() == dtype::f64, "H must be float32 or float64, got {}",
+           dtype_name(Hv.type()));
+  NT_CHECK(Hv.size(0) == n && Hv.size(1) == n, "H has shape {} but W of layer '{}' has in_features={}; expected [{}, {}]",
+           Hv.shape_str(), layer_label(layer), n, n, n);
+  RowMatrix<float> H(n, n);
+  const std::int64_t bad = copy_rows<float>(Hv, 0, n, H.data());
+  NT_CHECK(bad == 0, "H of layer '{}' contains {} NaN/Inf values; check the calibration activations",
+           layer_label(layer), bad);
+  return H;
+}
+
+inline QuantResult quantize_impl(GPTQ, const QuantSpec& spec, const GPTQ::config& cfg, const TensorView& Wv,
+                                 const TensorView& Hv) {
+  RowMatrix<float> W = load_weights(Wv, cfg.layer_name);
+  const std::int64_t m = W.rows(), n = W.cols();
+  spec.validate_for(n);
+  RowMatrix<float> H = load_hessian(Hv, n, cfg.layer_name);
+  const int maxq = spec.maxq();
+  const std::int64_t gs = spec.group_size;
+  const int nt = num_threads();
+
+  QuantResult res;
+  init_result(res, spec, m, n, GPTQ::name);
+
+  // Per-channel parameters come from the weights before dead columns are
+  // zeroed, as in the reference (find_params runs before fasterquant's body).
+  if (!spec.grouped()) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (std::int64_t r = 0; r < m; ++r) {
+      const QuantParams p = find_params(W.data() + r * n, n, 1, spec);
+      res.scales(r, 0) = p.scale;
+      res.zeros(r, 0) = p.zero;
+    }
+  }
+
+  // Dead inputs (never active in calibration): H_ii = 1, W[:, i] = 0.
+  for (std::int64_t i = 0; i < n; ++i) {
+    if (H(i, i) == 0.f) {
+      H(i, i) = 1.f;
+      W.col(i).setZero();
+    }
+  }
+
+  if (spec.grouped() && cfg.static_groups) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (std::int64_t r = 0; r < m; ++r)
+      for (std::int64_t g = 0; g < n / gs; ++g) {
+        const QuantParams p = find_params(W.data() + r * n + g * gs, gs, 1, spec);
+        res.scales(r, g) = p.scale;
+        res.zeros(r, g) = p.zero;
+      }
+  }
+
+  std::vector<std::int32_t> perm(static_cast<std::size_t>(n));
+  std::iota(perm.begin(), perm.end(), 0);
+  if (cfg.act_order) {
+    std::stable_sort(perm.begin(), perm.end(), [&](std::int32_t a, std::int32_t b) { return H(a, a) > H(b, b); });
+    RowMatrix<float> Wp(m, n);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (std::int64_t r = 0; r < m; ++r)
+      for (std::int64_t i = 0; i < n; ++i) Wp(r, i) = W(r, perm[i]);
+    W.swap(Wp);
+  }
+
+  // Damped inverse factor, retrying with more damping when H is not positive
+  // definite (too few calibration tokens, duplicate or collinear inputs).
+  RowMatrix<float> Hinv;
+  const double mean_diag = H.diagonal().cast<double>().mean();
+  // Each retry multiplies the damping by 10 (starting from 0.01 when it was 0).
+  auto more_damping = [](double pd) { return pd > 0.0 ? pd * 10.0 : 0.01; };
+  double percdamp = cfg.percdamp;
+  int info = 0;
+  for (int attempt = 0;; ++attempt) {
+    info = hinv_upper(H, perm, static_cast<float>(percdamp * mean_diag), Hinv);
+    if (info == 0 || attempt == cfg.damp_retries) break;
+    warn("layer '{}': Hessian is not positive definite with percdamp={} (leading minor {} fails); retrying with "
+         "percdamp={}",
+         layer_label(cfg.layer_name), percdamp, info, more_damping(percdamp));
+    percdamp = more_damping(percdamp);
+  }
+  if (info != 0) {
+    warn("layer '{}': Hessian is not positive definite even with percdamp={}; quantizing this layer with RTN "
+         "instead. Calibrate with more tokens (nsamples/seqlen) or raise percdamp",
+         layer_label(cfg.layer_name), percdamp);
+    QuantResult rtn = quantize_impl(RTN{}, spec, RTN::config{cfg.layer_name}, Wv, TensorView());
+    rtn.fell_back_to_rtn = true;
+    return rtn;
+  }
+  res.percdamp = percdamp;
+  H.resize(0, 0);
+
+  const std::int64_t B = effective_blocksize(spec, cfg);
+  RowMatrix<float> Err(m, B);
+  RowMatrix<std::uint8_t> codes_p(m, n);
+  std::vector<double> row_loss(static_cast<std::size_t>(m), 0.0);
+  auto group_of = [&](std::int64_t i) -> std::int64_t {
+    if (!spec.grouped()) return 0;
+    return cfg.static_groups ? perm[i] / gs : i / gs;
+  };
+
+  for (std::int64_t i1 = 0; i1 < n; i1 += B) {
+    const std::int64_t i2 = std::min(i1 + B, n), count = i2 - i1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (std::int64_t r = 0; r < m; ++r) {
+      float* w = W.data() + r * n;
+      float* err = Err.data() + r * B;
+      std::uint8_t* code = codes_p.data() + r * n;
+      double loss = 0.0;
+      for (std::int64_t i = i1; i < i2; ++i) {
+        const std::int64_t g = group_of(i);
+        if (spec.grouped() && !cfg.static_groups && i % gs == 0) {
+          const QuantParams p = find_params(w + i, gs, 1, spec);
+          res.scales(r, g) = p.scale;
+          res.zeros(r, g) = p.zero;
+        }
+        const QuantParams p{res.scales(r, g), res.zeros(r, g)};
+        const float x = w[i];
+        const float qc = quantize_code(x, p, maxq);
+        const float q = dequantize_code(qc, p);
+        code[i] = static_cast<std::uint8_t>(qc);
+        w[i] = q;  // column i is final: keep Q in place of W
+        const float d = Hinv(i, i);
+        const float e = (x - q) / d;
+        loss += static_cast<double>(e) * static_cast<double>(e) / 2.0;
+        err[i - i1] = e;
+        const float* h = Hinv.data() + i * n;
+        for (std::int64_t k = i + 1; k < i2; ++k) w[k] -= e * h[k];
+      }
+      row_loss[r] += loss;
+    }
+    // Lazy batch update of all later columns: W[:, i2:] -= Err * Hinv[i1:i2, i2:].
+    if (i2 < n)
+      gemm_sub(static_cast<int>(m), static_cast<int>(n - i2), static_cast<int>(count), Err.data(),
+               static_cast<int>(B), Hinv.data() + i1 * n + i2, static_cast<int>(n), W.data() + i2,
+               static_cast<int>(n));
+  }
+  res.loss = std::accumulate(row_loss.begin(), row_loss.end(), 0.0);
+
+  for (std::int64_t i = 0; i < n; ++i) res.g_idx[perm[i]] = static_cast<std::int32_t>(group_of(i));
+  if (cfg.act_order) {
+    res.Q.resize(m, n);
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (std::int64_t r = 0; r < m; ++r)
+      for (std::int64_t i = 0; i < n; ++i) {
+        res.Q(r, perm[i]) = W(r, i);
+        res.codes(r, perm[i]) = codes_p(r, i);
+      }
+    res.perm = std::move(perm);
+  } else {
+    res.Q.swap(W);
+    res.codes.swap(codes_p);
+  }
+  return res;
+}
+
+}  // namespace detail
+
+template <class Method>
+QuantResult Quantizer<Method>::quantize(const TensorView& W, const TensorView& H) const {
+  return detail::quantize_impl(Method{}, spec_, cfg_, W, H);
+}
+
+}  // namespace normtweak

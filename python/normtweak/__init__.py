@@ -1,0 +1,44 @@
+"""normtweak: low-bit post-training quantization of LLMs (GPTQ, RTN) and Norm Tweaking.
+
+The compiled core lives in :mod:`normtweak._core`; this package wraps it for
+PyTorch users. Tensors cross by DLPack without copies.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import _core
+from ._core import num_threads, set_num_threads
+from .core import (
+    HessianAccumulator,
+    PackedGPTQ,
+    QuantResult,
+    gptq_quantize,
+    pack_gptq,
+    rtn_quantize,
+    unpack_gptq,
+)
+
+__version__ = _core.__version__
+
+_logger = logging.getLogger("normtweak")
+
+
+def _log_from_core(level: int, message: str) -> None:
+    _logger.log(level, message)
+
+
+_core.set_log_handler(_log_from_core)
+
+__all__ = [
+    "HessianAccumulator",
+    "PackedGPTQ",
+    "QuantResult",
+    "gptq_quantize",
+    "num_threads",
+    "pack_gptq",
+    "rtn_quantize",
+    "set_num_threads",
+    "unpack_gptq",
+]
