@@ -142,13 +142,112 @@ inline RowMatrix<float> load_hessian(const TensorView& Hv, std::int64_t n, const
   return H;
 }
 
+// Group of working column i (after the act-order permutation).
+inline std::int64_t gptq_group(const QuantSpec& spec, const GPTQ::config& cfg, const std::vector<std::int32_t>& perm,
+                               std::int64_t i) {
+  if (!spec.grouped()) return 0;
+  return cfg.static_groups ? perm[i] / spec.group_size : i / spec.group_size;
+}
+
+// The in-block column loop runs on tiles of kGptqLanes rows held column-major
+// (tile[k][lane]): every step of the sequential column recurrence then works
+// on kGptqLanes independent rows at once, so the compiler vectorizes across
+// rows and the latency of each column's divide/round chain is paid once per
+// tile instead of once per row.
+constexpr std::int64_t kGptqLanes = 16;
+
+struct GptqTile {
+  explicit GptqTile(std::int64_t B) : w(static_cast<std::size_t>(B * kGptqLanes)), e(w.size()), c(w.size()), gbuf(0) {}
+  std::vector<float> w, e;
+  std::vector<std::uint8_t> c;
+  std::vector<float> gbuf;
+};
+
+inline void gptq_block_tile(const QuantSpec& spec, const GPTQ::config& cfg, const std::vector<std::int32_t>& perm,
+                            const RowMatrix<float>& Hinv, std::int64_t i1, std::int64_t i2, std::int64_t r0,
+                            std::int64_t nl, RowMatrix<float>& W, RowMatrix<std::uint8_t>& codes,
+                            RowMatrix<float>& Err, QuantResult& res, std::vector<double>& row_loss, GptqTile& tile) {
+  constexpr std::int64_t L = kGptqLanes;
+  const std::int64_t n = W.cols(), count = i2 - i1, gs = spec.group_size;
+  const int maxq = spec.maxq();
+  float* T = tile.w.data();
+  float* E = tile.e.data();
+  std::uint8_t* C = tile.c.data();
+  // Transpose the rows' block into the tile; unused lanes of a partial tile hold 0.
+  // Row-wise: contiguous reads of W, writes into the L1-resident tile.
+  for (std::int64_t l = 0; l < L; ++l) {
+    const float* w = W.data() + (r0 + std::min(l, nl - 1)) * W.cols() + i1;
+    for (std::int64_t k = 0; k < count; ++k) T[k * L + l] = l < nl ? w[k] : 0.f;
+  }
+  float scale[L], zero[L], loss[L] = {};
+  for (std::int64_t l = 0; l < L; ++l) {
+    scale[l] = 1.f;
+    zero[l] = 0.f;
+  }
+  std::int64_t loaded_group = -1;
+  for (std::int64_t i = 0; i < count; ++i) {
+    const std::int64_t col = i1 + i;
+    const std::int64_t g = gptq_group(spec, cfg, perm, col);
+    if (spec.grouped() && !cfg.static_groups && col % gs == 0) {
+      // New group: parameters from the current (error-updated) weights. Columns
+      // past this block are up to date too: effective_blocksize() makes a group
+      // that leaves the block start at the block's first column.
+      tile.gbuf.resize(static_cast<std::size_t>(gs));
+      for (std::int64_t l = 0; l < nl; ++l) {
+        for (std::int64_t k = 0; k < gs; ++k)
+          tile.gbuf[k] = col + k < i2 ? T[(i + k) * L + l] : W(r0 + l, col + k);
+        const QuantParams p = find_params(tile.gbuf.data(), gs, 1, spec);
+        res.scales(r0 + l, g) = p.scale;
+        res.zeros(r0 + l, g) = p.zero;
+      }
+      loaded_group = -1;
+    }
+    if (g != loaded_group) {
+      for (std::int64_t l = 0; l < nl; ++l) {
+        scale[l] = res.scales(r0 + l, g);
+        zero[l] = res.zeros(r0 + l, g);
+      }
+      loaded_group = g;
+    }
+    const float d = Hinv(col, col);
+    float* x = T + i * L;
+    float* e = E + i * L;
+    std::uint8_t* c = C + i * L;
+    for (std::int64_t l = 0; l < L; ++l) {
+      const float qc = quantize_code(x[l], QuantParams{scale[l], zero[l]}, maxq);
+      const float q = dequantize_code(qc, QuantParams{scale[l], zero[l]});
+      const float err = (x[l] - q) / d;
+      c[l] = static_cast<std::uint8_t>(qc);
+      x[l] = q;  // column col is final: keep Q in place of W
+      e[l] = err;
+      loss[l] += err * err;
+    }
+    const float* h = Hinv.data() + col * n + i1;
+    for (std::int64_t k = i + 1; k < count; ++k) {
+      const float hk = h[k];
+      float* y = T + k * L;
+      for (std::int64_t l = 0; l < L; ++l) y[l] -= e[l] * hk;
+    }
+  }
+  for (std::int64_t l = 0; l < nl; ++l) {
+    float* w = W.data() + (r0 + l) * n + i1;
+    std::uint8_t* code = codes.data() + (r0 + l) * n + i1;
+    float* err = Err.data() + (r0 + l) * Err.cols();
+    for (std::int64_t k = 0; k < count; ++k) {
+      w[k] = T[k * L + l];
+      code[k] = C[k * L + l];
+      err[k] = E[k * L + l];
+    }
+    row_loss[r0 + l] += static_cast<double>(loss[l]) / 2.0;
+  }
+}
+
 inline QuantResult quantize_impl(GPTQ, const QuantSpec& spec, const GPTQ::config& cfg, const TensorView& Wv,
                                  const TensorView& Hv) {
   RowMatrix<float> W = load_weights(Wv, cfg.layer_name);
   const std::int64_t m = W.rows(), n = W.cols();
   spec.validate_for(n);
   RowMatrix<float> H = load_hessian(Hv, n, cfg.layer_name);
-  const int maxq = spec.maxq();
   const std::int64_t gs = spec.group_size;
   const int nt = num_threads();
 
@@ -226,50 +325,27 @@ inline QuantResult quantize_impl(GPTQ, const QuantSpec& spec, const GPTQ::config
   RowMatrix<float> Err(m, B);
   RowMatrix<std::uint8_t> codes_p(m, n);
   std::vector<double> row_loss(static_cast<std::size_t>(m), 0.0);
-  auto group_of = [&](std::int64_t i) -> std::int64_t {
-    if (!spec.grouped()) return 0;
-    return cfg.static_groups ? perm[i] / gs : i / gs;
-  };
 
   for (std::int64_t i1 = 0; i1 < n; i1 += B) {
-    const std::int64_t i2 = std::min(i1 + B, n), count = i2 - i1;
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (std::int64_t r = 0; r < m; ++r) {
-      float* w = W.data() + r * n;
-      float* err = Err.data() + r * B;
-      std::uint8_t* code = codes_p.data() + r * n;
-      double loss = 0.0;
-      for (std::int64_t i = i1; i < i2; ++i) {
-        const std::int64_t g = group_of(i);
-        if (spec.grouped() && !cfg.static_groups && i % gs == 0) {
-          const QuantParams p = find_params(w + i, gs, 1, spec);
-          res.scales(r, g) = p.scale;
-          res.zeros(r, g) = p.zero;
-        }
-        const QuantParams p{res.scales(r, g), res.zeros(r, g)};
-        const float x = w[i];
-        const float qc = quantize_code(x, p, maxq);
-        const float q = dequantize_code(qc, p);
-        code[i] = static_cast<std::uint8_t>(qc);
-        w[i] = q;  // column i is final: keep Q in place of W
-        const float d = Hinv(i, i);
-        const float e = (x - q) / d;
-        loss += static_cast<double>(e) * static_cast<double>(e) / 2.0;
-        err[i - i1] = e;
-        const float* h = Hinv.data() + i * n;
-        for (std::int64_t k = i + 1; k < i2; ++k) w[k] -= e * h[k];
-      }
-      row_loss[r] += loss;
+    const std::int64_t i2 = std::min(i1 + B, n);
+    const std::int64_t tiles = (m + kGptqLanes - 1) / kGptqLanes;
+#pragma omp parallel num_threads(nt)
+    {
+      GptqTile tile(B);
+#pragma omp for schedule(static)
+      for (std::int64_t t = 0; t < tiles; ++t)
+        gptq_block_tile(spec, cfg, perm, Hinv, i1, i2, t * kGptqLanes, std::min<std::int64_t>(kGptqLanes, m - t * kGptqLanes),
+                        W, codes_p, Err, res, row_loss, tile);
     }
     // Lazy batch update of all later columns: W[:, i2:] -= Err * Hinv[i1:i2, i2:].
     if (i2 < n)
-      gemm_sub(static_cast<int>(m), static_cast<int>(n - i2), static_cast<int>(count), Err.data(),
+      gemm_sub(static_cast<int>(m), static_cast<int>(n - i2), static_cast<int>(i2 - i1), Err.data(),
                static_cast<int>(B), Hinv.data() + i1 * n + i2, static_cast<int>(n), W.data() + i2,
                static_cast<int>(n));
   }
   res.loss = std::accumulate(row_loss.begin(), row_loss.end(), 0.0);
 
-  for (std::int64_t i = 0; i < n; ++i) res.g_idx[perm[i]] = static_cast<std::int32_t>(group_of(i));
+  for (std::int64_t i = 0; i < n; ++i) res.g_idx[perm[i]] = static_cast<std::int32_t>(gptq_group(spec, cfg, perm, i));
   if (cfg.act_order) {
     res.Q.resize(m, n);
 #pragma omp parallel for num_threads(nt) schedule(static)
