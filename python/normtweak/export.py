@@ -1,0 +1,167 @@
+"""Writing and reading quantized checkpoints.
+
+* GPTQ format: per quantized Linear `qweight`, `qzeros`, `scales` (float16),
+  `g_idx` (and `bias`), every other tensor as in the model, and a
+  `quantization_config` in config.json (quant_method "gptq", bits, group_size,
+  desc_act, sym, checkpoint_format "gptq"), the layout GPTQModel/AutoGPTQ write.
+* Fake-quant format: the dequantized float weights via save_pretrained, which
+  any transformers install can load.
+
+Both are written into a temporary folder renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import core
+from .models import get_adapter
+
+WEIGHTS = "model.safetensors"
+
+
+def _atomic_dir(out: str | Path):
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return out, tmp
+
+
+def _finish(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def save_fake(model, tokenizer, out: str | Path, extra: Optional[dict] = None) -> Path:
+    out, tmp = _atomic_dir(out)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if extra:
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["normtweak"] = extra
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    _finish(tmp, out)
+    return out
+
+
+def _quantized_modules(model):
+    for name, mod in model.named_modules():
+        r = getattr(mod, "_normtweak_quant", None)
+        if r is not None:
+            yield name, mod, r
+
+
+def save_gptq(model, tokenizer, out: str | Path, extra: Optional[dict] = None) -> Path:
+    """Write `model` (quantized by normtweak.quantize) as a GPTQ-format checkpoint."""
+    from safetensors.torch import save_file
+
+    adapter = get_adapter(model)
+    quantized = list(_quantized_modules(model))
+    if not quantized:
+        raise ValueError("the model has no normtweak-quantized layers; run normtweak.quantize first")
+    bits = {r.bits for _, _, r in quantized}
+    groups = {r.group_size for _, _, r in quantized}
+    if len(bits) != 1 or len(groups) != 1:
+        raise ValueError(f"mixed bit widths {bits} or group sizes {groups} cannot share one quantization_config")
+    tensors: dict[str, torch.Tensor] = {}
+    qnames = set()
+    for name, mod, r in quantized:
+        p = core.pack_gptq(r)
+        tensors[f"{name}.qweight"] = p.qweight.clone()
+        tensors[f"{name}.qzeros"] = p.qzeros.clone()
+        tensors[f"{name}.scales"] = p.scales.clone()
+        tensors[f"{name}.g_idx"] = p.g_idx.clone()
+        qnames.add(f"{name}.weight")
+    seen = set()
+    for k, v in model.state_dict().items():
+        if k in qnames:
+            continue
+        if v.data_ptr() in seen:  # tied weights (lm_head = embed_tokens) are stored once
+            continue
+        seen.add(v.data_ptr())
+        tensors[k] = v.detach().contiguous().clone()
+    out, tmp = _atomic_dir(out)
+    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    model.config.save_pretrained(tmp)
+    cfg = json.loads((tmp / "config.json").read_text())
+    r0 = quantized[0][2]
+    cfg["quantization_config"] = {
+        "quant_method": "gptq",
+        "bits": r0.bits,
+        "group_size": r0.group_size,
+        "desc_act": r0.perm is not None,
+        "sym": r0.sym,
+        "checkpoint_format": "gptq",
+        "true_sequential": True,
+        "conv1d": adapter.conv1d,
+    }
+    if extra:
+        cfg["normtweak"] = extra
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    _finish(tmp, out)
+    return out
+
+
+def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, packed) from a GPTQ-format or fake-quant folder; weights dequantized to float.
+
+    `packed` maps each quantized Linear's name to its stored tensors (empty for fake-quant).
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise ValueError(f"{path} has no config.json; not a model folder")
+    raw = json.loads((path / "config.json").read_text())
+    qcfg = raw.get("quantization_config")
+    tok = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").exists() else None
+    if qcfg is None:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        return model.eval(), tok, {}
+    if qcfg.get("quant_method") != "gptq" or qcfg.get("checkpoint_format", "gptq") != "gptq":
+        raise ValueError(f"{path}: quantization_config {qcfg} is not a gptq-format checkpoint")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path} has no .safetensors weight files")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except Exception as e:
+            raise ValueError(f"{f} could not be read as safetensors (truncated or corrupt?): {e}") from e
+    config = AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    bits = int(qcfg["bits"])
+    packed = {}
+    state = {}
+    for k in list(tensors):
+        if k.endswith(".qweight"):
+            name = k[: -len(".qweight")]
+            t = {s: tensors.pop(f"{name}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")}
+            packed[name] = t
+            u = core.unpack_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits)
+            g = u["g_idx"].long()
+            W = u["scales"][:, g] * (u["codes"].float() - u["zeros"][:, g])
+            state[f"{name}.weight"] = W.t() if qcfg.get("conv1d") else W
+    state.update(tensors)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the architecture (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    model.tie_weights()
+    return model.eval(), tok, packed

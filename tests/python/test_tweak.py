@@ -1,0 +1,98 @@
+"""Norm Tweaking pieces through the bindings, against torch.autograd and torch.optim."""
+
+import pytest
+import torch
+from conftest import realistic_activations
+
+import normtweak as nt
+from normtweak import _core
+from normtweak.tweak import NormFn
+
+# float32 C++ vs float64 torch autograd of the same formulas.
+FWD_REL = 1e-5
+GRAD_REL = 1e-4
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def dist_loss_torch(q, f):
+    mu_f, mu_q = f.mean(0), q.mean(0)
+    var_f, var_q = f.var(0, unbiased=False), q.var(0, unbiased=False)
+    return ((mu_f - mu_q).abs() + (var_f - var_q).abs()).mean()
+
+
+@pytest.mark.parametrize("kind", ["dist", "mse", "kl"])
+def test_channel_dist_loss_matches_autograd(kind):
+    f = realistic_activations(256, 48, seed=1) * 0.1
+    q = f + 0.05 * torch.randn(f.shape, generator=torch.Generator().manual_seed(2)) + 0.01
+    qd = q.double().requires_grad_()
+    if kind == "dist":
+        ref = dist_loss_torch(qd, f.double())
+    elif kind == "mse":
+        ref = ((qd - f.double()) ** 2).mean()
+    else:
+        ref = torch.nn.functional.kl_div(
+            torch.log_softmax(qd, -1), torch.log_softmax(f.double(), -1), log_target=True, reduction="batchmean"
+        )
+    ref.backward()
+    qq = q.clone().requires_grad_()
+    loss = nt.channel_dist_loss(qq, f, kind)
+    (2.0 * loss).backward()
+    assert abs(loss.item() - ref.item()) / ref.item() < FWD_REL
+    assert rel(qq.grad, 2.0 * qd.grad) < GRAD_REL
+
+
+@pytest.mark.parametrize("kind,bias,offset", [("rms", False, False), ("rms", False, True), ("layer", True, False)])
+def test_norm_backward_matches_autograd(kind, bias, offset):
+    x = realistic_activations(64, 40, seed=3).reshape(4, 16, 40)
+    g = torch.Generator().manual_seed(4)
+    w = (1 + 0.2 * torch.randn(40, generator=g)).requires_grad_()
+    b = (0.1 * torch.randn(40, generator=g)).requires_grad_() if bias else None
+    dy = torch.randn(4, 16, 40, generator=g)
+
+    xd = x.double().requires_grad_()
+    wd = w.detach().double().requires_grad_()
+    bd = b.detach().double().requires_grad_() if bias else None
+    mu = xd.mean(-1, keepdim=True) if kind == "layer" else 0
+    d = xd - mu
+    yd = d * torch.rsqrt((d * d).mean(-1, keepdim=True) + 1e-5) * (wd + (1 if offset else 0))
+    if bias:
+        yd = yd + bd
+    (yd * dy.double()).sum().backward()
+
+    xx = x.clone().requires_grad_()
+    y = NormFn.apply(xx, w, b, kind, 1e-5, offset)
+    (y * dy).sum().backward()
+    assert rel(y, yd) < FWD_REL
+    assert rel(xx.grad, xd.grad) < GRAD_REL
+    assert rel(w.grad, wd.grad) < GRAD_REL
+    if bias:
+        assert rel(b.grad, bd.grad) < GRAD_REL
+
+
+def test_norm_tweaker_is_torch_adam_with_the_layer_schedule():
+    p = torch.tensor([1.0, -2.0, 0.5])
+    ref = p.clone().requires_grad_()
+    tw = _core.NormTweaker(1e-3, 5.0, 1, 30)
+    lr = tw.lr(6)
+    assert lr == pytest.approx(1e-3 * (1 + 5.0 * 6 / 30))
+    opt = torch.optim.Adam([ref], lr=lr)
+    tw.begin_layer(6, [p])
+    for s in range(1, 4):
+        grad = torch.tensor([0.1 * s, -0.3, 2.0 / s])
+        tw.step([grad])
+        ref.grad = grad.clone()
+        opt.step()
+    assert torch.allclose(p, ref.detach(), rtol=1e-6, atol=1e-7)
+    assert tw.steps == 3
+
+
+def test_tweak_config_validation():
+    with pytest.raises(ValueError, match="tweak lr=0"):
+        nt.TweakConfig(lr=0)
+    with pytest.raises(ValueError, match="loss='l1'"):
+        nt.TweakConfig(loss="l1")
+    with pytest.raises(ValueError, match="passes=0"):
+        nt.TweakConfig(passes=0)
