@@ -17,7 +17,11 @@ namespace normtweak {
 
 struct QuantSpec {
   int bits = 4;          // 2..8
-  int group_size = -1;   // -1: one (scale, zero) per output channel; else a positive divisor of in_features
+  // -1: one (scale, zero) per output channel; else groups of this many input
+  // columns. When it does not divide in_features the last group is shorter
+  // (ceil(in / group_size) groups, as AutoGPTQ/GPTQModel lay them out), which
+  // models such as SmolLM2 (in_features 576) need for group_size=128.
+  int group_size = -1;
   bool sym = true;       // symmetric grid, zero fixed at (maxq + 1) / 2
   // Clipping search (the reference's `mse` option): shrink [xmin, xmax] by
   // p = 1 - i / mse_grid for i < mse_maxshrink * mse_grid and keep the range
@@ -42,12 +46,17 @@ struct QuantSpec {
   void validate_for(std::int64_t in_features) const {
     validate();
     NT_CHECK(in_features > 0, "in_features={} must be positive", in_features);
-    NT_CHECK(group_size == -1 || in_features % group_size == 0,
-             "group_size={} does not divide in_features={}; choose a divisor such as 32, 64 or 128, or -1", group_size,
-             in_features);
   }
 
-  std::int64_t num_groups(std::int64_t in_features) const { return grouped() ? in_features / group_size : 1; }
+  std::int64_t num_groups(std::int64_t in_features) const {
+    return grouped() ? (in_features + group_size - 1) / group_size : 1;
+  }
+  // Columns in group g (the last one may be short).
+  std::int64_t group_width(std::int64_t g, std::int64_t in_features) const {
+    if (!grouped()) return in_features;
+    const std::int64_t start = g * group_size;
+    return in_features - start < group_size ? in_features - start : group_size;
+  }
 };
 
 // (scale, zero) for n values x[0], x[stride], ... following `spec`, including

@@ -186,7 +186,14 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
                 import shutil
 
                 shutil.rmtree(tmp)
-            model.save_pretrained(tmp)
+            # transformers marks GGUF-loaded models as quantized and refuses to save
+            # them; the weights are plain floats, so move them into a fresh model.
+            config = model.config
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            fresh.load_state_dict(model.state_dict())
+            fresh.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             tmp.rename(target)
         name_or_path = str(target)

@@ -128,10 +128,12 @@ inline RefResult rtn_ref(const MatF& Wf, int bits, int group_size, bool sym) {
   r.Q.resize(m, n);
   r.codes.resize(m, n);
   r.g_idx.resize(n);
+  const int G = (n + gs - 1) / gs;
   for (int i = 0; i < m; ++i)
-    for (int g = 0; g < n / gs; ++g) {
-      const RefParams p = ref_params(&W(i, g * gs), gs, 1, bits, sym);
-      for (int c = g * gs; c < (g + 1) * gs; ++c) {
+    for (int g = 0; g < G; ++g) {
+      const int width = std::min(gs, n - g * gs);  // the last group may be short
+      const RefParams p = ref_params(&W(i, g * gs), width, 1, bits, sym);
+      for (int c = g * gs; c < g * gs + width; ++c) {
         const double code = ref_code(W(i, c), p, bits);
         r.codes(i, c) = static_cast<int>(code);
         r.Q(i, c) = static_cast<double>(p.scale) * (code - p.zero);
@@ -160,9 +162,10 @@ inline RefResult gptq_ref(const MatF& Wf, MatD H, int bits, int group_size, bool
     }
   std::vector<std::vector<RefParams>> static_params;
   if (gs > 0 && static_groups) {
-    static_params.assign(m, std::vector<RefParams>(n / gs));
+    const int G = (n + gs - 1) / gs;
+    static_params.assign(m, std::vector<RefParams>(G));
     for (int i = 0; i < m; ++i)
-      for (int g = 0; g < n / gs; ++g) static_params[i][g] = ref_params(&W(i, g * gs), gs, 1, bits, sym);
+      for (int g = 0; g < G; ++g) static_params[i][g] = ref_params(&W(i, g * gs), std::min(gs, n - g * gs), 1, bits, sym);
   }
   std::vector<int> perm(n);
   std::iota(perm.begin(), perm.end(), 0);
@@ -192,7 +195,7 @@ inline RefResult gptq_ref(const MatF& Wf, MatD H, int bits, int group_size, bool
       } else if (static_groups) {
         p = static_params[i][g];
       } else {
-        if (j % gs == 0) cur[i] = ref_params(&Wp(i, j), gs, 1, bits, sym);
+        if (j % gs == 0) cur[i] = ref_params(&Wp(i, j), std::min(gs, n - j), 1, bits, sym);
         p = cur[i];
       }
       const double w = Wp(i, j);

@@ -10,7 +10,7 @@ TEST_CASE("RTN matches the scalar reference twin", "[rtn]") {
   const int m = 64, n = 256;
   const MatF W = realistic_weights(m, n, 1);
   for (int bits : {2, 3, 4, 8})
-    for (int gs : {-1, 32, 128})
+    for (int gs : {-1, 32, 128, 96 /* 256 = 2 x 96 + 64 */})
       for (bool sym : {true, false}) {
         CAPTURE(bits, gs, sym);
         QuantSpec spec;

@@ -49,7 +49,7 @@ inline QuantResult quantize_impl(RTN, const QuantSpec& spec, const RTN::config& 
   const std::int64_t m = res.Q.rows(), n = res.Q.cols();
   spec.validate_for(n);
   init_result(res, spec, m, n, RTN::name);
-  const std::int64_t gs = spec.grouped() ? spec.group_size : n, G = n / gs;
+  const std::int64_t gs = spec.grouped() ? spec.group_size : n, G = spec.num_groups(n);
   const int maxq = spec.maxq();
   for (std::int64_t c = 0; c < n; ++c) res.g_idx[c] = spec.grouped() ? static_cast<std::int32_t>(c / gs) : 0;
   std::vector<double> row_loss(static_cast<std::size_t>(m), 0.0);
@@ -59,10 +59,11 @@ inline QuantResult quantize_impl(RTN, const QuantSpec& spec, const RTN::config& 
     std::uint8_t* code = res.codes.data() + r * n;
     double loss = 0.0;
     for (std::int64_t g = 0; g < G; ++g) {
-      const QuantParams p = find_params(w + g * gs, gs, 1, spec);
+      const std::int64_t width = spec.group_width(g, n);
+      const QuantParams p = find_params(w + g * gs, width, 1, spec);
       res.scales(r, g) = p.scale;
       res.zeros(r, g) = p.zero;
-      for (std::int64_t c = g * gs; c < (g + 1) * gs; ++c) {
+      for (std::int64_t c = g * gs; c < g * gs + width; ++c) {
         const float x = w[c];
         const float qc = quantize_code(x, p, maxq);
         const float q = dequantize_code(qc, p);
@@ -192,11 +193,12 @@ inline void gptq_block_tile(const QuantSpec& spec, const GPTQ::config& cfg, cons
       // New group: parameters from the current (error-updated) weights. Columns
       // past this block are up to date too: effective_blocksize() makes a group
       // that leaves the block start at the block's first column.
-      tile.gbuf.resize(static_cast<std::size_t>(gs));
+      const std::int64_t width = spec.group_width(g, n);
+      tile.gbuf.resize(static_cast<std::size_t>(width));
       for (std::int64_t l = 0; l < nl; ++l) {
-        for (std::int64_t k = 0; k < gs; ++k)
+        for (std::int64_t k = 0; k < width; ++k)
           tile.gbuf[k] = col + k < i2 ? T[(i + k) * L + l] : W(r0 + l, col + k);
-        const QuantParams p = find_params(tile.gbuf.data(), gs, 1, spec);
+        const QuantParams p = find_params(tile.gbuf.data(), width, 1, spec);
         res.scales(r0 + l, g) = p.scale;
         res.zeros(r0 + l, g) = p.zero;
       }
@@ -276,8 +278,8 @@ inline QuantResult quantize_impl(GPTQ, const QuantSpec& spec, const GPTQ::config
   if (spec.grouped() && cfg.static_groups) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (std::int64_t r = 0; r < m; ++r)
-      for (std::int64_t g = 0; g < n / gs; ++g) {
-        const QuantParams p = find_params(W.data() + r * n + g * gs, gs, 1, spec);
+      for (std::int64_t g = 0; g < spec.num_groups(n); ++g) {
+        const QuantParams p = find_params(W.data() + r * n + g * gs, spec.group_width(g, n), 1, spec);
         res.scales(r, g) = p.scale;
         res.zeros(r, g) = p.zero;
       }
