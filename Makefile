@@ -12,7 +12,7 @@ JOBS ?= 2
 APT_PACKAGES := cmake g++ libeigen3-dev libfmt-dev catch2 libdlpack-dev libopenblas-openmp-dev
 CMAKE_ARGS ?=
 
-.PHONY: all deps build python test test-cpp test-python demo bench clean
+.PHONY: all deps build python test test-cpp test-python demo bench clean data
 
 all: build
 
@@ -54,14 +54,16 @@ python: deps
 test-cpp: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
-test-python: python
+test-python: python data
 	$(PY) -m pytest
 
 test: test-cpp test-python
 
-demo: build
-	@echo "== RTN vs GPTQ on a realistic 2048x2048 layer"
+demo: build python data
+	@echo "== RTN vs GPTQ on a realistic 2048x2048 layer (C++ API)"
 	./$(BUILD)/examples/quantize_layer
+	@echo "== SmolLM2-135M at W3 g128: float vs GPTQ vs GPTQ + Norm Tweaking"
+	$(PY) examples/demo_smollm2.py
 
 bench: build python
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) benchmarks/bench_core.py
