@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--tweak-lr", type=float, default=1e-4)
+    ap.add_argument("--tweak-lr", type=float, default=1e-5)
     ap.add_argument("--tweak-scale", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -49,7 +49,7 @@ def main() -> None:
     rows = []
     t0 = time.perf_counter()
     rows.append(("float", evaluate(model, tok, args), 0.0))
-    cfg = nt.GPTQConfig(bits=args.bits, group_size=args.group_size)
+    cfg = nt.GPTQConfig(bits=args.bits, group_size=args.group_size, act_order=True)
     for name, tweak in (("GPTQ", None), ("GPTQ + Norm Tweaking",
                                          nt.TweakConfig(lr=args.tweak_lr, scale=args.tweak_scale))):
         q = copy.deepcopy(model)

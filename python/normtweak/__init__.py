@@ -21,6 +21,7 @@ from .core import (
     rtn_quantize,
     unpack_gptq,
 )
+from . import export, pipeline
 from .pipeline import GPTQConfig
 from .tweak import TweakConfig, channel_dist_loss, tweak_block
 
