@@ -1,0 +1,51 @@
+"""The command line on a tiny LLaMA that uses SmolLM2's tokenizer."""
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from normtweak import cli
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from normtweak.models import load_model
+
+    _, tok = load_model("smollm2-135m")
+    cfg = tf.LlamaConfig(vocab_size=len(tok), num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    d = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_quantize_with_report_then_eval(tiny_model_dir, tmp_path, capsys):
+    out, png, js = tmp_path / "q", tmp_path / "fig1.png", tmp_path / "r.json"
+    rc = cli.main(["quantize", "--model", str(tiny_model_dir), "--out", str(out), "--wbits", "3", "--group-size",
+                   "32", "--act-order", "--tweak", "--tweak-lr", "1e-3", "--calib", "text:emma", "--nsamples", "4",
+                   "--seqlen", "32", "--report", str(png)])
+    assert rc == 0
+    summary = capsys.readouterr().out
+    assert "mean |d mu| after" in summary and "RTN fallbacks" in summary
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["bits"] == 3 and cfg["quantization_config"]["desc_act"] is True
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli.main(["eval", "--model", str(out), "--tasks", "ppl:persuasion", "--limit", "2", "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert res["ppl:persuasion"]["n"] == 2 * 511 and res["ppl:persuasion"]["ppl"] > 1
+
+
+def test_cli_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
+    rc = cli.main(["quantize", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "not a bundled name" in capsys.readouterr().err
+    rc = cli.main(["quantize", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--wbits", "9",
+                   "--calib", "text:emma", "--nsamples", "2", "--seqlen", "16"])
+    assert rc == 2
+    assert "bits=9" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
