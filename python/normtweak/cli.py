@@ -19,6 +19,8 @@ def _add_tweak_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tweak-scale", type=float, default=5.0, help="lr_i = lr0 * (1 + scale * i / L)")
     p.add_argument("--tweak-passes", type=int, default=1, help="passes over the calibration set")
     p.add_argument("--loss", choices=("dist", "mse", "kl"), default="dist")
+    p.add_argument("--tweak-holdout", type=float, default=0.0,
+                   help="fraction of calibration samples that only judge each block's tweak (rollback decision)")
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +44,8 @@ def _calibration(args, model, tok) -> torch.Tensor:
 def _tweak_config(args):
     from .tweak import TweakConfig
 
-    return TweakConfig(lr=args.tweak_lr, scale=args.tweak_scale, passes=args.tweak_passes, loss=args.loss)
+    return TweakConfig(lr=args.tweak_lr, scale=args.tweak_scale, passes=args.tweak_passes, loss=args.loss,
+                       holdout=args.tweak_holdout)
 
 
 def _summary(report, out: Path, seconds: float) -> None:

@@ -28,7 +28,9 @@ class TweakConfig:
     loss: "dist" (eq. 2), "mse" or "kl" (Table 9 ablation).
     batch_size: calibration samples per Adam step.
     rollback: keep a block's original norms when tweaking did not lower the
-        loss on the calibration batches.
+        loss (on the held-out samples when `holdout` > 0, else on the calibration batches).
+    holdout: fraction of the calibration samples kept out of the Adam steps and
+        used only to judge the tweak (0: judge on the training samples).
     """
 
     lr: float = 1e-5
@@ -37,8 +39,11 @@ class TweakConfig:
     loss: str = "dist"
     batch_size: int = 1
     rollback: bool = True
+    holdout: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout={self.holdout} must lie in [0, 1)")
         if not self.lr > 0:
             raise ValueError(f"tweak lr={self.lr} must be positive (--tweak-lr)")
         if self.scale < 0:
@@ -184,14 +189,20 @@ def tweak_block(
     tweaker = _core.NormTweaker(config.lr, config.scale, config.passes, num_layers)
     tweaker.begin_layer(layer_index, [p.data for p in params])
 
+    n_hold = int(len(inputs) * config.holdout)
+    if n_hold and n_hold == len(inputs):
+        n_hold = len(inputs) - 1
+    judge_x, judge_f = (inputs[-n_hold:], targets[-n_hold:]) if n_hold else (inputs, targets)
+    inputs, targets = (inputs[:-n_hold], targets[:-n_hold]) if n_hold else (inputs, targets)
+
     def eval_loss() -> float:
         total = 0.0
         with torch.no_grad():
-            for x, f in zip(inputs, targets):
+            for x, f in zip(judge_x, judge_f):
                 total += _core.channel_dist_loss(
                     f.float().contiguous(), _first(quant_block(x, **block_kwargs)).float().contiguous(), config.loss
                 )
-        return total / len(inputs)
+        return total / len(judge_x)
 
     try:
         before = eval_loss()

@@ -96,3 +96,27 @@ def test_tweak_config_validation():
         nt.TweakConfig(loss="l1")
     with pytest.raises(ValueError, match="passes=0"):
         nt.TweakConfig(passes=0)
+
+
+def test_holdout_samples_judge_the_tweak_and_are_not_trained_on():
+    import transformers as tf
+
+    from normtweak.models import block_norms, get_adapter
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=64, num_hidden_layers=1, hidden_size=32, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    block = model.model.layers[0]
+    norms = block_norms(block, get_adapter(model))
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(1, 8, 32, generator=g) for _ in range(8)]
+    pos = model.model.rotary_emb(xs[0], torch.arange(8)[None])
+    kw = {"position_embeddings": pos, "attention_mask": None}
+    with torch.no_grad():
+        fs = [1.1 * block(x, **kw) + 0.05 for x in xs]  # a target the norms can move toward
+    r = nt.tweak_block(block, norms, xs, fs, kw, nt.TweakConfig(lr=1e-2, holdout=0.25), 0, 1)
+    assert r["steps"] == 6  # 8 samples, 2 held out
+    assert r["loss_after"] <= r["loss_before"]
+    with pytest.raises(ValueError, match="holdout=1.0"):
+        nt.TweakConfig(holdout=1.0)
