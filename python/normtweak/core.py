@@ -37,7 +37,7 @@ class QuantResult:
     loss: GPTQ's sum (w - q)^2 / [H^-1]_ii^2 / 2 (RTN: sum (w - q)^2).
     """
 
-    Q: torch.Tensor
+    Q: Optional[torch.Tensor]  # None once the pipeline has written it into the layer
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor

@@ -159,7 +159,9 @@ def _quantize_group(block, adapter: Adapter, names, inputs, kwargs, cfg: GPTQCon
         else:
             r = core.rtn_quantize(W, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, mse=cfg.mse, name=lname)
         set_linear_weight(mod, r.Q, adapter)
-        mod._normtweak_quant = r  # kept for export (codes, scales, zeros, g_idx)
+        # Keep what export needs (codes, scales, zeros, g_idx), not a second float copy of the weights.
+        r.Q = None
+        mod._normtweak_quant = r
 
 
 def quantize(
