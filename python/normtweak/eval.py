@@ -49,37 +49,15 @@ def _hidden_and_head(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torc
 @torch.no_grad()
 def lambada(model, tokenizer, limit: Optional[int] = None, batch_size: int = 16, progress: bool = True) -> dict:
     """{"acc", "ppl", "n"} over the first `limit` passages (all 5153 by default)."""
-    from tqdm.auto import tqdm
-
-    reqs = lambada_requests(limit)
     items = []
-    for ctx, cont in reqs:
+    for ctx, cont in lambada_requests(limit):
         c = tokenizer(ctx, add_special_tokens=False).input_ids
         w = tokenizer(cont, add_special_tokens=False).input_ids
         items.append((c + w, len(w)))
-    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))  # similar lengths per batch
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    correct, nll, ntok = 0, 0.0, 0
-    bar = tqdm(total=len(items), desc="lambada", unit="passage", disable=not progress)
-    for b0 in range(0, len(order), batch_size):
-        batch = [items[i] for i in order[b0 : b0 + batch_size]]
-        T = max(len(t) for t, _ in batch)
-        ids = torch.full((len(batch), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), T), dtype=torch.long)
-        for j, (t, _) in enumerate(batch):  # right padding: real tokens keep their positions
-            ids[j, : len(t)] = torch.tensor(t)
-            mask[j, : len(t)] = 1
-        h, head = _hidden_and_head(model, ids, mask)
-        for j, (t, k) in enumerate(batch):
-            pos = torch.arange(len(t) - k - 1, len(t) - 1)
-            logits = head(h[j, pos]).float()
-            target = torch.tensor(t[len(t) - k :])
-            logp = torch.log_softmax(logits, -1)
-            nll -= logp.gather(1, target[:, None]).sum().item()
-            ntok += k
-            correct += int(torch.equal(logits.argmax(-1), target))
-        bar.update(len(batch))
-    bar.close()
+    scored = loglikelihoods(model, tokenizer, items, batch_size, progress, desc="lambada", with_greedy=True)
+    nll = -sum(ll for ll, _ in scored)
+    ntok = sum(k for _, k in items)
+    correct = sum(greedy for _, greedy in scored)
     return {"acc": correct / len(items), "ppl": math.exp(nll / ntok), "n": len(items)}
 
 
@@ -140,8 +118,9 @@ def _mc_items(task: str, row: dict) -> tuple[str, list[str], int]:
 
 @torch.no_grad()
 def loglikelihoods(model, tokenizer, reqs: list[tuple[list[int], int]], batch_size: int = 16, progress: bool = False,
-                   desc: str = "scoring") -> list[float]:
-    """Summed log-likelihood of the last k tokens of each token list, given the tokens before them.
+                   desc: str = "scoring", with_greedy: bool = False) -> list:
+    """Summed log-likelihood of the last k tokens of each token list, given the tokens before them;
+    with `with_greedy`, (log-likelihood, whether greedy decoding reproduces those k tokens) pairs.
 
     Requests are sorted by length and right-padded in batches; padding after a
     sequence never changes what a causal model computes for its real tokens.
@@ -162,8 +141,10 @@ def loglikelihoods(model, tokenizer, reqs: list[tuple[list[int], int]], batch_si
         h, head = _hidden_and_head(model, ids, mask)
         for j, (t, k) in enumerate(batch):
             pos = torch.arange(len(t) - k - 1, len(t) - 1)
-            logp = torch.log_softmax(head(h[j, pos]).float(), -1)
-            out[order[b0 + j]] = logp.gather(1, torch.tensor(t[len(t) - k :])[:, None]).sum().item()
+            logits = head(h[j, pos]).float()
+            target = torch.tensor(t[len(t) - k :])
+            ll = torch.log_softmax(logits, -1).gather(1, target[:, None]).sum().item()
+            out[order[b0 + j]] = (ll, bool(torch.equal(logits.argmax(-1), target))) if with_greedy else ll
     return out
 
 
