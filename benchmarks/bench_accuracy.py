@@ -1,106 +1,214 @@
 """Accuracy table on SmolLM2-135M-Instruct: float, RTN, RTN+NT, GPTQ, GPTQ+NT at
-W4 per-channel, W3 g128 and W2 g64, on LAMBADA and held-out perplexity
-(Austen's Persuasion), with quantization time and peak memory per row.
-Writes docs/results.md.
+W4 per-channel, W3 g128 and W2 g64, on LAMBADA (all 5153 passages by default),
+held-out perplexity (Austen's Persuasion), PIQA and ARC-Easy, with quantization
+time and peak memory per row; and the paper's ablations of the tweak loss
+(Table 9: dist, mse, kl) and of the number of passes (Table 6: 1, 2, 5) on
+GPTQ W3 g128. Writes docs/results.json and docs/results.md.
 
-    .venv/bin/python benchmarks/bench_accuracy.py                      # everything (hours on 2 cores)
-    .venv/bin/python benchmarks/bench_accuracy.py --lambada-limit 300 --configs w3g128
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_accuracy.py
+    .venv/bin/python benchmarks/bench_accuracy.py --rows float,gptq-w3g128,gptq-w3g128-nt --lambada-limit 500
 
-The bundled weights already lie on a 4-bit grid with groups of 32 (Q4_1), so
-4-bit is measured per channel only.
+Every row runs in its own process (so its peak RSS is its own) and is stored in
+docs/results.json as soon as it finishes; a rerun skips rows already stored
+with the same settings, so the table can be filled over several runs (the
+whole table takes hours on 2 cores). The bundled weights already lie on a
+4-bit grid with groups of 32 (Q4_1), so 4-bit is measured per channel only.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
+import json
+import os
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
-
-import normtweak as nt
-from normtweak import eval as ev
-from normtweak.calibration import generate_calibration, text_calibration
-from normtweak.corpora import english_text
-from normtweak.models import load_model
-
-CONFIGS = {"w4": (4, -1), "w3g128": (3, 128), "w2g64": (2, 64)}
 ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = {"w4": (4, -1), "w3g128": (3, 128), "w2g64": (2, 64)}
+MAIN_ROWS = ["float"] + [f"{m}-{c}{t}" for c in CONFIGS for m in ("rtn", "gptq") for t in ("", "-nt")]
+ABLATION_ROWS = ["gptq-w3g128-nt-loss=mse", "gptq-w3g128-nt-loss=kl", "gptq-w3g128-nt-passes=2",
+                 "gptq-w3g128-nt-passes=5"]
+
+
+def parse_row(name: str) -> dict:
+    """"gptq-w3g128-nt-passes=2" -> {"method": "gptq", "bits": 3, "group_size": 128, "tweak": {"passes": 2}}."""
+    if name == "float":
+        return {"method": "float"}
+    parts = name.split("-")
+    if len(parts) < 2 or parts[0] not in ("rtn", "gptq") or parts[1] not in CONFIGS:
+        raise SystemExit(f"row {name!r}: expected float or (rtn|gptq)-({'|'.join(CONFIGS)})[-nt[-key=value...]]")
+    bits, gs = CONFIGS[parts[1]]
+    row = {"method": parts[0], "bits": bits, "group_size": gs, "tweak": None}
+    if len(parts) > 2:
+        if parts[2] != "nt":
+            raise SystemExit(f"row {name!r}: the third part must be 'nt'")
+        row["tweak"] = {}
+        for kv in parts[3:]:
+            k, _, v = kv.partition("=")
+            row["tweak"][k] = v if k == "loss" else (int(v) if k == "passes" else float(v))
+    return row
 
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="w4,w3g128,w2g64")
-    ap.add_argument("--methods", default="rtn,gptq")
-    ap.add_argument("--lambada-limit", type=int, default=None)
-    ap.add_argument("--ppl-windows", type=int, default=40)
-    ap.add_argument("--calib", default="generate", help="generate or text:NAME")
-    ap.add_argument("--nsamples", type=int, default=64)
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--tweak-lr", type=float, default=1e-5)
-    ap.add_argument("--act-order", action="store_true", default=True)
-    ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
-    args = ap.parse_args()
+def settings(args) -> dict:
+    return {k: getattr(args, k) for k in ("lambada_limit", "ppl_windows", "mc_limit", "calib", "nsamples", "seqlen",
+                                          "tweak_lr", "tweak_scale", "sym", "act_order", "mc_tasks")}
+
+
+def run_row(args) -> dict:
+    """Quantize (and tweak) one row in this process and evaluate it."""
+    import torch
+
+    import normtweak as nt
+    from normtweak import eval as ev
+    from normtweak.calibration import cached_calibration
+    from normtweak.corpora import english_text
+    from normtweak.models import load_model
+
     nt.set_num_threads(torch.get_num_threads())
+    spec = parse_row(args.run_row)
     model, tok = load_model("smollm2-135m")
-    if args.calib == "generate":
-        calib = generate_calibration(model, tok, n=args.nsamples, seqlen=args.seqlen)
-    else:
-        calib = text_calibration(tok, english_text(args.calib[5:]), args.nsamples, args.seqlen)
-    text = english_text("persuasion")
+    secs = 0.0
+    if spec["method"] != "float":
+        calib = cached_calibration(model, tok, args.calib, args.nsamples, args.seqlen)
+        cfg = nt.GPTQConfig(bits=spec["bits"], group_size=spec["group_size"], method=spec["method"], sym=args.sym,
+                            act_order=args.act_order)
+        tweak = None
+        if spec["tweak"] is not None:
+            tweak = nt.TweakConfig(**{"lr": args.tweak_lr, "scale": args.tweak_scale, **spec["tweak"]})
+        t0 = time.perf_counter()
+        nt.pipeline.quantize(model, calib, cfg, tweak)
+        secs = time.perf_counter() - t0
+    res = {"row": args.run_row, "quantize_s": secs}
+    lam = ev.lambada(model, tok, limit=args.lambada_limit)
+    res["lambada_acc"], res["lambada_ppl"], res["lambada_n"] = lam["acc"], lam["ppl"], lam["n"]
+    res["ppl"] = ev.perplexity(model, tok, english_text("persuasion"), seqlen=512, max_chunks=args.ppl_windows)["ppl"]
+    for task in [t for t in args.mc_tasks.split(",") if t]:
+        r = ev.multiple_choice(model, tok, task, limit=args.mc_limit)
+        res[task], res[task + "_norm"], res[task + "_n"] = r["acc"], r["acc_norm"], r["n"]
+    res["peak_rss_gib"] = peak_rss_gib()
+    return res
 
-    def evaluate(m):
-        lam = ev.lambada(m, tok, limit=args.lambada_limit)
-        ppl = ev.perplexity(m, tok, text, seqlen=512, max_chunks=args.ppl_windows)
-        return lam, ppl
 
-    rows = []
-    lam, ppl = evaluate(model)
-    rows.append(("float", "-", lam, ppl, 0.0, peak_rss_gib()))
-    print(rows[-1], flush=True)
-    for cname in args.configs.split(","):
-        bits, gs = CONFIGS[cname]
-        for method in args.methods.split(","):
-            for tweak in (None, nt.TweakConfig(lr=args.tweak_lr)):
-                q = copy.deepcopy(model)
-                cfg = nt.GPTQConfig(bits=bits, group_size=gs, method=method, act_order=args.act_order)
-                t0 = time.perf_counter()
-                nt.pipeline.quantize(q, calib, cfg, tweak)
-                secs = time.perf_counter() - t0
-                lam, ppl = evaluate(q)
-                name = method.upper() + (" + NT" if tweak else "")
-                rows.append((name, f"W{bits} " + ("per-channel" if gs < 0 else f"g{gs}"), lam, ppl, secs, peak_rss_gib()))
-                print(rows[-1], flush=True)
-                del q
-    n = rows[0][2]["n"]
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def render(store: dict, args) -> str:
+    s = store["settings"]
+    tasks = [t for t in s["mc_tasks"].split(",") if t]
+    rows = store["rows"]
+    n = next((r["lambada_n"] for r in rows.values()), 0)
+    limit = f", first {s['mc_limit']} questions" if s["mc_limit"] else ""
+    head = ["model", "weights", "LAMBADA acc", "LAMBADA ppl", "text ppl"] + tasks + ["quantize s", "peak RSS GiB"]
     lines = [
         "# Accuracy on SmolLM2-135M-Instruct",
         "",
-        f"Generated {datetime.date.today()} by `.venv/bin/python benchmarks/bench_accuracy.py "
-        f"--configs {args.configs} --methods {args.methods}"
-        + (f" --lambada-limit {args.lambada_limit}" if args.lambada_limit else "")
-        + f"` on 2 CPU cores. Calibration: {args.calib}, {args.nsamples} x {args.seqlen} tokens; "
-        f"Norm Tweaking lr0 = {args.tweak_lr}, scale 5, one pass; GPTQ with act-order. "
-        f"LAMBADA: {n} passages (last-word greedy accuracy, and perplexity of the last word); "
-        f"perplexity on {args.ppl_windows} x 512 tokens of Persuasion. Peak memory is the process's peak RSS so far.",
+        f"Written {datetime.date.today()} by `benchmarks/bench_accuracy.py` on 2 CPU cores "
+        f"(rows stored in `docs/results.json`). Calibration: {s['calib']}, {s['nsamples']} x {s['seqlen']} tokens. "
+        f"GPTQ and RTN: {'symmetric' if s['sym'] else 'asymmetric'} grid"
+        f"{', GPTQ with act-order' if s['act_order'] else ''}. Norm Tweaking (NT): lr0 = {s['tweak_lr']}, "
+        f"scale {s['tweak_scale']}, one pass, batch 1, dist loss unless the row says otherwise. "
+        f"LAMBADA: {n} passages (greedy last-word accuracy; perplexity of the last word). Text ppl: "
+        f"{s['ppl_windows']} x 512 tokens of Persuasion. Multiple choice (accuracy, lm-eval-harness prompts): "
+        f"{', '.join(tasks) or 'none'}{limit}. "
+        "Peak RSS is the row's own process. What the numbers show: [findings.md](findings.md).",
         "",
-        "| model | weights | LAMBADA acc | LAMBADA ppl | text ppl | quantize s | peak RSS GiB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(head) + " |",
+        "|---|---|" + "---:|" * (len(head) - 2),
     ]
-    for name, w, lam, ppl, secs, rss in rows:
-        lines.append(f"| {name} | {w} | {lam['acc']:.4f} | {lam['ppl']:.2f} | {ppl['ppl']:.2f} | {secs:.0f} | {rss:.2f} |")
-    out = Path(args.out)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(out)
-    print("\n".join(lines))
+
+    def label(name: str) -> tuple[str, str]:
+        spec = parse_row(name)
+        if spec["method"] == "float":
+            return "float", "-"
+        w = f"W{spec['bits']} " + ("per-channel" if spec["group_size"] < 0 else f"g{spec['group_size']}")
+        model = spec["method"].upper()
+        if spec["tweak"] is not None:
+            model += " + NT" + "".join(f", {k} {v}" for k, v in spec["tweak"].items())
+        return model, w
+
+    for name in MAIN_ROWS + ABLATION_ROWS + sorted(set(rows) - set(MAIN_ROWS) - set(ABLATION_ROWS)):
+        r = rows.get(name)
+        if r is None:
+            continue
+        cells = list(label(name)) + [f"{r['lambada_acc']:.4f}", f"{r['lambada_ppl']:.2f}", f"{r['ppl']:.2f}"]
+        cells += [f"{r[t]:.4f}" for t in tasks] + [f"{r['quantize_s']:.0f}", f"{r['peak_rss_gib']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    missing = [r for r in MAIN_ROWS + ABLATION_ROWS if r not in rows]
+    if missing:
+        lines += ["", f"Not yet measured with these settings: {', '.join(missing)}."]
+    return "\n".join(lines) + "\n"
+
+
+def child_flags(args) -> list[str]:
+    flags = []
+    for k, v in settings(args).items():
+        opt = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            flags.append(opt if v else "--no-" + opt[2:])
+        elif v is not None:
+            flags += [opt, str(v)]
+    return flags
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="main,ablation", help="main, ablation, or row names (e.g. gptq-w3g128-nt)")
+    ap.add_argument("--lambada-limit", type=int, default=None)
+    ap.add_argument("--ppl-windows", type=int, default=40)
+    ap.add_argument("--mc-tasks", default="piqa,arc_easy")
+    ap.add_argument("--mc-limit", type=int, default=None)
+    ap.add_argument("--calib", default="generate", help="generate, or text:NAME (an English text, e.g. text:emma)")
+    ap.add_argument("--nsamples", type=int, default=64)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--tweak-lr", type=float, default=1e-5)
+    ap.add_argument("--tweak-scale", type=float, default=5.0)
+    ap.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--store", default=str(ROOT / "docs" / "results.json"))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
+    ap.add_argument("--run-row", help=argparse.SUPPRESS)
+    ap.add_argument("--row-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run_row:
+        write_atomic(Path(args.row_out), json.dumps(run_row(args)))
+        return
+
+    wanted: list[str] = []
+    for item in args.rows.split(","):
+        wanted += MAIN_ROWS if item == "main" else ABLATION_ROWS if item == "ablation" else [item]
+    for name in wanted:
+        parse_row(name)
+    store_path = Path(args.store)
+    store = json.loads(store_path.read_text()) if store_path.exists() else {}
+    if store.get("settings") != settings(args):
+        if store.get("rows"):
+            print(f"{store_path}: stored rows used other settings; starting a new table", flush=True)
+        store = {"settings": settings(args), "rows": {}}
+    for name in wanted:
+        if name in store["rows"]:
+            print(f"{name}: stored, skipped", flush=True)
+            continue
+        print(f"== {name}", flush=True)
+        row_out = store_path.with_name(f".row-{name}.json")
+        cmd = [sys.executable, __file__, "--run-row", name, "--row-out", str(row_out)] + child_flags(args)
+        subprocess.run(cmd, check=True, env=os.environ)
+        store["rows"][name] = json.loads(row_out.read_text())
+        row_out.unlink()
+        write_atomic(store_path, json.dumps(store, indent=1))
+        write_atomic(Path(args.out), render(store, args))
+        print(json.dumps(store["rows"][name]), flush=True)
+    print(render(store, args))
 
 
 if __name__ == "__main__":

@@ -134,3 +134,35 @@ def read_text(path: str | Path) -> str:
     if len(text.strip()) == 0:
         raise ValueError(f"calibration file {p} is empty")
     return text
+
+
+def cached_calibration(model, tokenizer, source: str = "generate", n: int = 128, seqlen: int = 2048,
+                       seed: int = 0, progress: bool = True) -> torch.Tensor:
+    """[n, seqlen] calibration ids from `source` ("generate", "text:NAME" for a bundled English
+    text, or a file path); generated calibration is cached on disk, keyed by the model (its config and a sample of its
+    embedding), n, seqlen and seed."""
+    if source == "generate":
+        from .models import cache_dir
+
+        import hashlib
+
+        emb = model.get_input_embeddings().weight
+        h = hashlib.sha1(model.config.to_json_string(use_diff=False).encode())
+        h.update(emb[:: max(1, emb.shape[0] // 256)].detach().float().contiguous().numpy().tobytes())
+        path = cache_dir() / "calibration" / f"{model.config.model_type}-{h.hexdigest()[:12]}-n{n}-len{seqlen}-seed{seed}.pt"
+        if path.exists():
+            ids = torch.load(path)
+            if tuple(ids.shape) == (n, seqlen):
+                log.info("calibration: %s (cached)", path)
+                return ids
+        ids = generate_calibration(model, tokenizer, n=n, seqlen=seqlen, seed=seed, progress=progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(ids, tmp)
+        tmp.replace(path)
+        return ids
+    if source.startswith("text:"):
+        from .corpora import english_text
+
+        return text_calibration(tokenizer, english_text(source[5:]), n, seqlen, seed)
+    return text_calibration(tokenizer, read_text(source), n, seqlen, seed)

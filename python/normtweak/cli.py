@@ -32,13 +32,9 @@ def _add_calib_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calibration(args, model, tok) -> torch.Tensor:
-    from .calibration import generate_calibration, read_text, text_calibration
-    from .corpora import english_text
+    from .calibration import cached_calibration
 
-    if args.calib == "generate":
-        return generate_calibration(model, tok, n=args.nsamples, seqlen=args.seqlen, seed=args.seed)
-    text = english_text(args.calib[5:]) if args.calib.startswith("text:") else read_text(args.calib)
-    return text_calibration(tok, text, args.nsamples, args.seqlen, seed=args.seed)
+    return cached_calibration(model, tok, args.calib, args.nsamples, args.seqlen, seed=args.seed)
 
 
 def _tweak_config(args):

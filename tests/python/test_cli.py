@@ -90,3 +90,23 @@ def test_multiple_choice_prompts_follow_lm_eval_harness():
             pairs, gold = ev._mc_items(task, row)
             assert len(pairs) >= 2 and 0 <= gold < len(pairs)
             assert all(cont.startswith(" ") and len(cont) > 1 for _, cont in pairs)
+
+
+def test_generated_calibration_is_seeded_and_cached(tiny_model_dir, tmp_path, monkeypatch):
+    from normtweak.calibration import cached_calibration, generate_calibration, language_token_ids
+    from normtweak.models import load_model
+
+    monkeypatch.setenv("NORMTWEAK_CACHE", str(tmp_path))
+    model, tok = load_model(str(tiny_model_dir))
+    a = generate_calibration(model, tok, n=3, seqlen=6, seed=5, progress=False)
+    assert a.shape == (3, 6)
+    assert torch.equal(a, generate_calibration(model, tok, n=3, seqlen=6, seed=5, progress=False))
+    assert set(a[:, 0].tolist()) <= set(language_token_ids(tok))  # first tokens: words of the languages
+    b = cached_calibration(model, tok, "generate", n=3, seqlen=6, seed=5, progress=False)
+    assert torch.equal(a, b)
+    files = list((tmp_path / "calibration").glob("*.pt"))
+    assert len(files) == 1 and "n3-len6-seed5" in files[0].name
+    torch.save(torch.zeros(3, 6, dtype=torch.long), files[0])  # served from the cache, not regenerated
+    assert cached_calibration(model, tok, "generate", n=3, seqlen=6, seed=5).sum() == 0
+    c = cached_calibration(model, tok, "text:emma", n=2, seqlen=16, seed=0)
+    assert c.shape == (2, 16)
