@@ -15,12 +15,15 @@ log = logging.getLogger("normtweak")
 
 
 def _add_tweak_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tweak-lr", type=float, default=1e-5, help="lr0 of the layer schedule (paper eq. 3)")
+    p.add_argument("--tweak-lr", default="1e-5",
+                   help="lr0 of the layer schedule (paper eq. 3); 'auto' or a comma-separated list searches lr0 on "
+                        "held-out calibration samples (lowest KL to the float model wins)")
     p.add_argument("--tweak-scale", type=float, default=5.0, help="lr_i = lr0 * (1 + scale * i / L)")
     p.add_argument("--tweak-passes", type=int, default=1, help="passes over the calibration set")
     p.add_argument("--loss", choices=("dist", "mse", "kl"), default="dist")
     p.add_argument("--tweak-holdout", type=float, default=0.0,
-                   help="fraction of calibration samples that only judge each block's tweak (rollback decision)")
+                   help="fraction of calibration samples that only judge each block's tweak (rollback decision); "
+                        "with a learning-rate search, the fraction held out to judge each lr0 (default 1/8)")
 
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
@@ -37,11 +40,27 @@ def _calibration(args, model, tok) -> torch.Tensor:
     return cached_calibration(model, tok, args.calib, args.nsamples, args.seqlen, seed=args.seed)
 
 
+def _parse_lr(text: str) -> tuple[float, tuple]:
+    """--tweak-lr: one lr0, 'auto' (the default search grid) or a comma-separated grid."""
+    from .search import DEFAULT_GRID
+
+    if text == "auto":
+        return DEFAULT_GRID[0], DEFAULT_GRID
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--tweak-lr {text!r} is not a number, 'auto' or a comma-separated list of numbers") from None
+    if not values:
+        raise ValueError("--tweak-lr is empty")
+    return values[0], (tuple(values) if len(values) > 1 else ())
+
+
 def _tweak_config(args):
     from .tweak import TweakConfig
 
-    return TweakConfig(lr=args.tweak_lr, scale=args.tweak_scale, passes=args.tweak_passes, loss=args.loss,
-                       holdout=args.tweak_holdout)
+    lr, grid = _parse_lr(args.tweak_lr)
+    return TweakConfig(lr=lr, scale=args.tweak_scale, passes=args.tweak_passes, loss=args.loss,
+                       holdout=args.tweak_holdout, lr_grid=grid)
 
 
 def _summary(report, out: Path, seconds: float) -> None:
@@ -59,6 +78,11 @@ def _summary(report, out: Path, seconds: float) -> None:
         ("time", f"{seconds:.1f} s"),
         ("output", str(out)),
     ]
+    if report.lr_search:
+        srch = report.lr_search
+        table = ", ".join(f"{lr:g}: {kl:.4f}" for lr, kl in srch["table"])
+        rows.insert(0, ("lr0 search (held-out KL)", f"untweaked {srch['kl_untweaked']:.4f}; {table}"))
+        rows.insert(1, ("lr0 chosen", "none (norms left untweaked)" if srch["lr"] is None else f"{srch['lr']:g}"))
     w = max(len(k) for k, _ in rows)
     print()
     for k, v in rows:
@@ -78,7 +102,8 @@ def cmd_quantize(args) -> int:
     tweak = _tweak_config(args) if args.tweak else None
     calib = _calibration(args, model, tok)
     report = quantize(model, calib, cfg, tweak)
-    extra = {"report": {"config": report.config, "tweak": report.tweak, "seconds": report.seconds},
+    extra = {"report": {"config": report.config, "tweak": report.tweak, "seconds": report.seconds,
+                        "lr_search": report.lr_search},
              "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}}
     out = Path(args.out)
     if args.format == "gptq":

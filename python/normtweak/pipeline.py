@@ -12,9 +12,10 @@ One block and the calibration activations are in memory at a time.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -68,6 +69,7 @@ class QuantizeReport:
     blocks: list
     seconds: float
     layers_quantized: int
+    lr_search: Optional[dict] = None
 
 
 class _StopForward(Exception):
@@ -181,6 +183,8 @@ def quantize(
     """
     from tqdm.auto import tqdm
 
+    if tweak is not None and tweak.lr_grid:
+        return _quantize_with_lr_search(model, calib, config, tweak, progress, float_model)
     adapter = get_adapter(model)
     if float_model is not None and get_adapter(float_model) != adapter:
         raise ValueError("the float and quantized models have different architectures")
@@ -225,4 +229,41 @@ def quantize(
         blocks=[asdict(s) for s in stats],
         seconds=time.perf_counter() - t_start,
         layers_quantized=0 if float_model is not None else L * sum(len(g) for g in adapter.groups),
+    )
+
+
+def _quantize_with_lr_search(model, calib, config: GPTQConfig, tweak: TweakConfig, progress: bool, float_model):
+    """Quantize without tweaking, then tweak with the lr0 of `tweak.lr_grid` that wins on held-out samples.
+
+    The tweak walks run post-step (the weights are quantized before any norm is
+    tweaked), so unlike Algorithm 1 the GPTQ of block l does not see the tweaked
+    blocks before it.
+    """
+    from .search import search_lr, split_holdout
+
+    t0 = time.perf_counter()
+    holdout = tweak.holdout or 0.125
+    train, _ = split_holdout(calib, holdout)
+    qrep = None
+    ref = float_model
+    if ref is None:
+        log.info("lr search: keeping a float copy of the model for the tweak targets")
+        ref = copy.deepcopy(model)
+        qrep = quantize(model, train, config, None, progress=progress)
+    search, trep = search_lr(ref, model, calib, replace(tweak, holdout=0.0), tweak.lr_grid, holdout, progress)
+    if trep is None:  # nothing beat the untweaked model: the stats of the untweaked walk
+        trep = quantize(model, train, config, None, progress=False, float_model=ref)
+    del ref
+    blocks_ = trep.blocks
+    if qrep is not None:
+        for b, q in zip(blocks_, qrep.blocks):
+            b["fallbacks"] = q["fallbacks"]
+            b["delta_mu_before_tweak"], b["delta_var_before_tweak"] = q["delta_mu_before_tweak"], q["delta_var_before_tweak"]
+    return QuantizeReport(
+        config=asdict(config),
+        tweak={**asdict(tweak), "lr": search.lr},
+        blocks=blocks_,
+        seconds=time.perf_counter() - t0,
+        layers_quantized=qrep.layers_quantized if qrep else 0,
+        lr_search=asdict(search),
     )

@@ -30,7 +30,12 @@ class TweakConfig:
     rollback: keep a block's original norms when tweaking did not lower the
         loss (on the held-out samples when `holdout` > 0, else on the calibration batches).
     holdout: fraction of the calibration samples kept out of the Adam steps and
-        used only to judge the tweak (0: judge on the training samples).
+        used only to judge the tweak (0: judge on the training samples). With
+        `lr_grid`, the fraction held out for the learning-rate search (default 1/8).
+    lr_grid: when given, search lr0 over these values (`lr` is then ignored): the
+        one whose tweak gives the lowest KL(float || quantized) on held-out
+        calibration samples wins (see search.py). Costs one tweak walk per value
+        and, inside `quantize`, a float copy of the model while it runs.
     """
 
     lr: float = 1e-5
@@ -40,8 +45,12 @@ class TweakConfig:
     batch_size: int = 1
     rollback: bool = True
     holdout: float = 0.0
+    lr_grid: tuple = ()
 
     def __post_init__(self) -> None:
+        self.lr_grid = tuple(float(v) for v in self.lr_grid)
+        if any(not v > 0 for v in self.lr_grid):
+            raise ValueError(f"lr_grid={list(self.lr_grid)} holds a non-positive learning rate (--tweak-lr)")
         if not 0.0 <= self.holdout < 1.0:
             raise ValueError(f"holdout={self.holdout} must lie in [0, 1)")
         if not self.lr > 0:

@@ -110,3 +110,13 @@ def test_generated_calibration_is_seeded_and_cached(tiny_model_dir, tmp_path, mo
     assert cached_calibration(model, tok, "generate", n=3, seqlen=6, seed=5).sum() == 0
     c = cached_calibration(model, tok, "text:emma", n=2, seqlen=16, seed=0)
     assert c.shape == (2, 16)
+
+
+def test_tweak_lr_option_takes_a_value_a_list_or_auto():
+    from normtweak.search import DEFAULT_GRID
+
+    assert cli._parse_lr("1e-4") == (1e-4, ())
+    assert cli._parse_lr("1e-5,1e-4") == (1e-5, (1e-5, 1e-4))
+    assert cli._parse_lr("auto") == (DEFAULT_GRID[0], DEFAULT_GRID)
+    with pytest.raises(ValueError, match="'fast' is not a number"):
+        cli._parse_lr("fast")

@@ -164,3 +164,33 @@ def test_errors_name_the_problem(tmp_path):
         export.load_quantized(tmp_path)
     with pytest.raises(ValueError, match="not a bundled name"):
         nt.models.load_model(str(tmp_path))
+
+
+def test_learning_rate_search_keeps_the_best_on_held_out_samples():
+    from normtweak.search import heldout_kl, norm_state, split_holdout
+
+    model = tiny("llama")
+    ref = tiny("llama")
+    ids = calib(n=8, seqlen=32)
+    tweak = nt.TweakConfig(lr_grid=(1e-3, 1e-2), holdout=0.25)
+    rep = nt.pipeline.quantize(model, ids, nt.GPTQConfig(bits=3, group_size=32), tweak, progress=False)
+    s = rep.lr_search
+    assert s["holdout_samples"] == 2 and [lr for lr, _ in s["table"]] == [1e-3, 1e-2]
+    assert rep.layers_quantized == LAYERS * 7 and len(rep.blocks) == LAYERS
+    # The reported KL is the model's own, measured on the held-out samples the tweak never saw.
+    _, hold = split_holdout(ids, 0.25)
+    assert heldout_kl(ref, model, hold) == pytest.approx(s["kl"], rel=1e-5)
+    kls = [kl for _, kl in s["table"]]
+    if s["lr"] is None:
+        assert s["kl"] == s["kl_untweaked"] and min(kls) >= s["kl_untweaked"]
+    else:
+        assert s["kl"] == min(kls) <= s["kl_untweaked"] and dict(s["table"])[s["lr"]] == s["kl"]
+    # A grid of absurd rates loses to the untweaked model: the norms are left as they were.
+    before = norm_state(model)
+    rep2 = nt.tweak(ref, model, ids, nt.TweakConfig(lr_grid=(50.0,), holdout=0.25, rollback=False), progress=False)
+    assert rep2.lr_search["lr"] is None
+    assert all(torch.equal(a, b) for a, b in zip(before, norm_state(model)))
+    with pytest.raises(ValueError, match="non-positive"):
+        nt.TweakConfig(lr_grid=(1e-3, 0.0))
+    with pytest.raises(ValueError, match="too few"):
+        nt.tweak(ref, model, ids[:1], nt.TweakConfig(lr_grid=(1e-3,)), progress=False)
