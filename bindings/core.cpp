@@ -105,6 +105,7 @@ py::dict result_dict(QuantResult&& r) {
   d["percdamp"] = owner->percdamp;
   d["fell_back_to_rtn"] = owner->fell_back_to_rtn;
   d["method"] = owner->method;
+  d["smooth"] = owner->smooth.empty() ? py::object(py::none()) : py::cast(export_vector(owner, owner->smooth));
   return d;
 }
 
@@ -214,6 +215,61 @@ PYBIND11_MODULE(_core, m) {
       py::arg("W"), py::arg("bits") = 4, py::arg("group_size") = -1, py::arg("sym") = true, py::arg("mse") = false,
       py::arg("mse_norm") = 2.4f, py::arg("mse_grid") = 100, py::arg("mse_maxshrink") = 0.8f, py::arg("name") = "",
       "Round-to-nearest quantization of W [out, in].");
+
+  py::class_<ActAbsMax, std::shared_ptr<ActAbsMax>>(m, "ActAbsMax")
+      .def(py::init<std::int64_t>(), py::arg("channels"))
+      .def(
+          "add_batch",
+          [](ActAbsMax& self, const py::handle& X) {
+            DLPackTensor x = import_tensor(X, "X");
+            py::gil_scoped_release release;
+            self.add_batch(x.view());
+          },
+          py::arg("X"), "Fold activations X [..., channels] into the per-channel running max |x|.")
+      .def_property_readonly("channels", &ActAbsMax::channels)
+      .def_property_readonly("tokens", &ActAbsMax::tokens)
+      .def(
+          "absmax",
+          [](const std::shared_ptr<ActAbsMax>& self) {
+            return export_vector(std::static_pointer_cast<void>(self), self->absmax());
+          },
+          "Per-channel max |x| [channels] float32; shares memory with the accumulator.")
+      .def("reset", &ActAbsMax::reset);
+
+  m.def(
+      "smooth_factors",
+      [](const py::handle& act_absmax, const py::list& weights, float alpha) {
+        DLPackTensor a = import_tensor(act_absmax, "act_absmax");
+        std::vector<DLPackTensor> ws;
+        std::vector<TensorView> views;
+        for (const auto& w : weights) ws.push_back(import_tensor(w, "W"));
+        for (const auto& w : ws) views.push_back(w.view());
+        auto s = std::make_shared<std::vector<float>>();
+        {
+          py::gil_scoped_release release;
+          *s = smooth_factors(a.view(), views, alpha);
+        }
+        return export_vector(std::static_pointer_cast<void>(s), *s);
+      },
+      py::arg("act_absmax"), py::arg("weights"), py::arg("alpha") = 0.5f,
+      "SmoothQuant factors s [in] (paper eq. 4) shared by every W [out_k, in] that reads the smoothed input.");
+
+  m.def(
+      "smoothquant_quantize",
+      [](const py::handle& W, const py::handle& S, int bits, int group_size, bool sym, const std::string& name) {
+        DLPackTensor w = import_tensor(W, "W");
+        DLPackTensor sv = import_tensor(S, "s");
+        QuantSpec spec = make_spec(bits, group_size, sym, false, 2.4f, 100, 0.8f);
+        Quantizer<SmoothQuant> q(spec, SmoothQuant::config{name});
+        QuantResult r;
+        {
+          py::gil_scoped_release release;
+          r = q.quantize(w.view(), sv.view());
+        }
+        return result_dict(std::move(r));
+      },
+      py::arg("W"), py::arg("s"), py::arg("bits") = 8, py::arg("group_size") = -1, py::arg("sym") = true,
+      py::arg("name") = "", "RTN quantization of W diag(s) [out, in]; the result's smooth is s.");
 
   m.def(
       "gptq_quantize",

@@ -11,8 +11,10 @@
 // Same switch as fmt's FMT_HEADER_ONLY.
 #if defined(NORMTWEAK_HEADER_ONLY)
 #define NORMTWEAK_EXTERN_TEMPLATE 0
+#define NORMTWEAK_FUNC inline  // non-template bodies in *-inl.h (fmt's FMT_FUNC)
 #else
 #define NORMTWEAK_EXTERN_TEMPLATE 1
+#define NORMTWEAK_FUNC
 #endif
 
 #if defined(__CUDACC__)

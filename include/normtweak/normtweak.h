@@ -14,5 +14,6 @@
 #include "normtweak/quant_spec.h"
 #include "normtweak/quantizer.h"
 #include "normtweak/rtn.h"
+#include "normtweak/smoothquant.h"
 #include "normtweak/tensor_view.h"
 #include "normtweak/threading.h"

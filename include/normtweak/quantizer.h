@@ -1,12 +1,13 @@
 // Quantizer<Method>: weight quantizers as policies. Method is a tag type
-// (RTN, GPTQ; see rtn.h and gptq.h) carrying its own `config`.
+// (RTN, GPTQ, SmoothQuant; see rtn.h, gptq.h, smoothquant.h) carrying its own `config`.
 //
 //   normtweak::Quantizer<normtweak::GPTQ> q(spec, {.blocksize = 128, .act_order = true});
 //   normtweak::QuantResult r = q.quantize(W, H);
 //
 // W: [out_features, in_features], float32/float64/float16/bfloat16, CPU, any
 //    strides (it is copied into a float32 working buffer).
-// H: [in_features, in_features] float32 or float64 (GPTQ only; RTN ignores it).
+// H: [in_features, in_features] float32 or float64 (GPTQ; RTN ignores it);
+//    for SmoothQuant, the smoothing factors s [in_features] float32.
 #pragma once
 
 #include "normtweak/config.h"
@@ -34,7 +35,8 @@ struct QuantResult {
   double loss = 0.0;               // GPTQ: sum (w - q)^2 / Hinv_ii^2 / 2, as the reference reports; RTN: sum (w - q)^2
   double percdamp = 0.0;           // damping actually used (GPTQ; after retries)
   bool fell_back_to_rtn = false;   // GPTQ could not factor H and used RTN instead
-  std::string method;              // "rtn" or "gptq"
+  std::string method;              // "rtn", "gptq" or "smoothquant"
+  std::vector<float> smooth;       // [in] SmoothQuant factors s: Q approximates W diag(s) (empty otherwise)
 };
 
 template <class Method>

@@ -6,6 +6,7 @@ PyTorch users. Tensors cross by DLPack without copies.
 
 from __future__ import annotations
 
+import atexit
 import logging
 
 from . import _core
@@ -13,12 +14,15 @@ from ._core import num_threads, set_num_threads
 from .api import quantize, tweak
 from .calibration import generate_calibration, text_calibration
 from .core import (
+    ActAbsMax,
     HessianAccumulator,
     PackedGPTQ,
     QuantResult,
     gptq_quantize,
     pack_gptq,
     rtn_quantize,
+    smooth_factors,
+    smoothquant_quantize,
     unpack_gptq,
 )
 from . import export, pipeline
@@ -35,6 +39,9 @@ def _log_from_core(level: int, message: str) -> None:
 
 
 _core.set_log_handler(_log_from_core)
+# The C++ side holds a reference to the handler; drop it while the interpreter
+# is still alive, not in a static destructor after it has finalized.
+atexit.register(_core.set_log_handler, None)
 
 __all__ = [
     "GPTQConfig",
@@ -45,6 +52,7 @@ __all__ = [
     "text_calibration",
     "tweak",
     "tweak_block",
+    "ActAbsMax",
     "HessianAccumulator",
     "PackedGPTQ",
     "QuantResult",
@@ -53,5 +61,7 @@ __all__ = [
     "pack_gptq",
     "rtn_quantize",
     "set_num_threads",
+    "smooth_factors",
+    "smoothquant_quantize",
     "unpack_gptq",
 ]

@@ -96,9 +96,19 @@ def cmd_quantize(args) -> int:
 
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    model, tok = load_model(args.model)
+    if args.alpha == "search":
+        alpha = None
+    else:
+        try:
+            alpha = float(args.alpha)
+        except ValueError:
+            raise ValueError(f"--alpha {args.alpha!r} is not a number in [0, 1] or 'search'") from None
     cfg = GPTQConfig(bits=args.wbits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
-                     method=args.method)
+                     method=args.method, abits=args.abits, alpha=alpha, weight_method=args.weight_method)
+    if cfg.abits < 16 and args.format == "gptq":
+        raise ValueError(f"--abits {cfg.abits} quantizes activations, which the GPTQ format cannot record; "
+                         "add --format fake")
+    model, tok = load_model(args.model)
     tweak = _tweak_config(args) if args.tweak else None
     calib = _calibration(args, model, tok)
     report = quantize(model, calib, cfg, tweak)
@@ -194,10 +204,15 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch and normtweak")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a model (GPTQ or RTN), optionally with Norm Tweaking")
+    q = sub.add_parser("quantize", help="quantize a model (GPTQ, RTN or SmoothQuant), optionally with Norm Tweaking")
     q.add_argument("--model", required=True, help="local HF folder, a .gguf file, or smollm2-135m")
     q.add_argument("--out", required=True)
-    q.add_argument("--method", choices=("rtn", "gptq"), default="gptq")
+    q.add_argument("--method", choices=("rtn", "gptq", "smoothquant"), default="gptq")
+    q.add_argument("--abits", type=int, default=16,
+                   help="activation bits (per-token dynamic, simulated); 16 keeps activations in float")
+    q.add_argument("--alpha", default="0.5", help="SmoothQuant migration strength in [0, 1], or 'search' (per pair)")
+    q.add_argument("--weight-method", choices=("rtn", "gptq"), default="rtn",
+                   help="weight quantizer under --method smoothquant")
     q.add_argument("--wbits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128)
     g = q.add_mutually_exclusive_group()

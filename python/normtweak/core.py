@@ -35,6 +35,7 @@ class QuantResult:
     g_idx: [in] int32 group of each input column.
     perm: [in] int32 act-order column order, or None.
     loss: GPTQ's sum (w - q)^2 / [H^-1]_ii^2 / 2 (RTN: sum (w - q)^2).
+    smooth: [in] float32 SmoothQuant factors s (Q then approximates W diag(s)), or None.
     """
 
     Q: Optional[torch.Tensor]  # None once the pipeline has written it into the layer
@@ -50,6 +51,7 @@ class QuantResult:
     bits: int
     group_size: int
     sym: bool
+    smooth: Optional[torch.Tensor] = None
 
 
 def _result(d: dict, bits: int, group_size: int, sym: bool) -> QuantResult:
@@ -67,6 +69,7 @@ def _result(d: dict, bits: int, group_size: int, sym: bool) -> QuantResult:
         bits=bits,
         group_size=group_size,
         sym=sym,
+        smooth=None if d.get("smooth") is None else _t(d["smooth"]),
     )
 
 
@@ -81,6 +84,40 @@ def rtn_quantize(
 ) -> QuantResult:
     """Round-to-nearest quantization of ``W [out, in]`` (float32/float16/bfloat16/float64, CPU)."""
     d = _core.rtn_quantize(_in(W, "W"), bits=bits, group_size=group_size, sym=sym, mse=mse, name=name)
+    return _result(d, bits, group_size, sym)
+
+
+class ActAbsMax:
+    """Per-channel running max |x| of the activations entering a layer (SmoothQuant's statistic)."""
+
+    def __init__(self, channels: int):
+        self._acc = _core.ActAbsMax(channels)
+
+    def add_batch(self, X: torch.Tensor) -> None:
+        """X: [..., channels] float32/float16/bfloat16/float64 on the CPU."""
+        self._acc.add_batch(_in(X, "X"))
+
+    @property
+    def tokens(self) -> int:
+        return self._acc.tokens
+
+    def absmax(self) -> torch.Tensor:
+        """[channels] float32 (a copy)."""
+        return _t(self._acc.absmax()).clone()
+
+
+def smooth_factors(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float = 0.5) -> torch.Tensor:
+    """SmoothQuant factors s [in] = max|X_j|^alpha / max|W_j|^(1 - alpha) (paper eq. 4), the weight
+    maximum taken over every W [out_k, in] that reads the same input."""
+    return _t(_core.smooth_factors(_in(act_absmax.float(), "act_absmax"), [_in(W, "W") for W in weights],
+                                   alpha)).clone()
+
+
+def smoothquant_quantize(W: torch.Tensor, s: torch.Tensor, *, bits: int = 8, group_size: int = -1, sym: bool = True,
+                         name: str = "") -> QuantResult:
+    """Round-to-nearest quantization of the smoothed weights W diag(s); W [out, in], s [in] float32."""
+    d = _core.smoothquant_quantize(_in(W, "W"), _in(s.float(), "s"), bits=bits, group_size=group_size, sym=sym,
+                                   name=name)
     return _result(d, bits, group_size, sym)
 
 

@@ -5,7 +5,10 @@
   `quantization_config` in config.json (quant_method "gptq", bits, group_size,
   desc_act, sym, checkpoint_format "gptq"), the layout GPTQModel/AutoGPTQ write.
 * Fake-quant format: the dequantized float weights via save_pretrained, which
-  any transformers install can load.
+  any transformers install can load, and a `quantization_config` with
+  quant_method "normtweak-fake" that records the weight and activation
+  schemes (transformers ignores it with a log line and loads the float
+  weights; `load_quantized` re-attaches the simulated activation quantization).
 
 Both are written into a temporary folder renamed into place when complete.
 """
@@ -40,15 +43,32 @@ def _finish(tmp: Path, out: Path) -> None:
     tmp.rename(out)
 
 
+def _act_bits(model) -> dict[str, int]:
+    return {name: mod._normtweak_abits for name, mod in model.named_modules()
+            if getattr(mod, "_normtweak_abits", 16) < 16}
+
+
 def save_fake(model, tokenizer, out: str | Path, extra: Optional[dict] = None) -> Path:
     out, tmp = _atomic_dir(out)
     model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    cfg = json.loads((tmp / "config.json").read_text())
+    quantized = list(_quantized_modules(model))
+    abits = _act_bits(model)
+    if quantized or abits:
+        r0 = quantized[0][2] if quantized else None
+        cfg["quantization_config"] = {
+            "quant_method": "normtweak-fake",
+            "weights": None if r0 is None else {"bits": r0.bits, "group_size": r0.group_size, "sym": r0.sym,
+                                                 "method": r0.method},
+            "activations": None if not abits else {
+                "bits": sorted(set(abits.values()))[0], "scheme": "per-token dynamic symmetric",
+                "modules": sorted(abits)},
+        }
     if extra:
-        cfg = json.loads((tmp / "config.json").read_text())
         cfg["normtweak"] = extra
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     _finish(tmp, out)
     return out
 
@@ -68,6 +88,9 @@ def save_gptq(model, tokenizer, out: str | Path, extra: Optional[dict] = None) -
     quantized = list(_quantized_modules(model))
     if not quantized:
         raise ValueError("the model has no normtweak-quantized layers; run normtweak.quantize first")
+    if _act_bits(model):
+        raise ValueError("the model quantizes activations (abits < 16), which the GPTQ format cannot record; "
+                         "write it with --format fake (export.save_fake)")
     bits = {r.bits for _, _, r in quantized}
     groups = {r.group_size for _, _, r in quantized}
     if len(bits) != 1 or len(groups) != 1:
@@ -127,8 +150,17 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
     raw = json.loads((path / "config.json").read_text())
     qcfg = raw.get("quantization_config")
     tok = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").exists() else None
-    if qcfg is None:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    if qcfg is None or qcfg.get("quant_method") == "normtweak-fake":
+        config = AutoConfig.from_pretrained(str(path))
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype)
+        acts = (qcfg or {}).get("activations")
+        if acts:
+            from .smoothquant import attach_act_quant
+
+            for name in acts["modules"]:
+                attach_act_quant(model.get_submodule(name), int(acts["bits"]))
         return model.eval(), tok, {}
     if qcfg.get("quant_method") != "gptq" or qcfg.get("checkpoint_format", "gptq") != "gptq":
         raise ValueError(f"{path}: quantization_config {qcfg} is not a gptq-format checkpoint")

@@ -29,7 +29,17 @@ log = logging.getLogger("normtweak")
 
 @dataclass
 class GPTQConfig:
-    """Weight quantization settings (method "gptq" or "rtn")."""
+    """Quantization settings.
+
+    method: "gptq", "rtn", or "smoothquant" (smooth each block's norm -> Linear
+        pairs, then quantize the weights with `weight_method`).
+    abits: activation bits, simulated per token (dynamic, symmetric) on the
+        input of every quantized Linear; 16 keeps activations in float.
+    alpha: SmoothQuant's migration strength in [0, 1]; None searches it per
+        pair over smoothquant.ALPHA_GRID by the pair's output error.
+    weight_method: the weight quantizer under SmoothQuant, "rtn" or "gptq"
+        (GPTQ then runs on the smoothed weights with Hessians of the smoothed inputs).
+    """
 
     bits: int = 4
     group_size: int = 128
@@ -40,14 +50,28 @@ class GPTQConfig:
     blocksize: int = 128
     mse: bool = False
     method: str = "gptq"
+    abits: int = 16
+    alpha: Optional[float] = 0.5
+    weight_method: str = "rtn"
 
     def __post_init__(self) -> None:
-        if self.method not in ("gptq", "rtn"):
-            raise ValueError(f"method={self.method!r} is not 'gptq' or 'rtn' (--method)")
+        if self.method not in ("gptq", "rtn", "smoothquant"):
+            raise ValueError(f"method={self.method!r} is not 'gptq', 'rtn' or 'smoothquant' (--method)")
+        if self.weight_method not in ("gptq", "rtn"):
+            raise ValueError(f"weight_method={self.weight_method!r} is not 'gptq' or 'rtn' (--weight-method)")
+        if self.abits != 16 and not 4 <= self.abits <= 8:
+            raise ValueError(f"abits={self.abits} is not supported; choose 4..8, or 16 for float activations (--abits)")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"SmoothQuant alpha={self.alpha} must lie in [0, 1] (--alpha)")
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits={self.bits} is not supported; choose 2..8 (--wbits)")
         if self.group_size != -1 and self.group_size <= 0:
             raise ValueError(f"group_size={self.group_size} must be -1 or positive (--group-size)")
+
+    @property
+    def weights(self) -> str:
+        """The weight quantizer that runs: "gptq" or "rtn"."""
+        return self.weight_method if self.method == "smoothquant" else self.method
 
 
 @dataclass
@@ -60,6 +84,7 @@ class BlockStats:
     tweak: Optional[dict] = None
     fallbacks: list = field(default_factory=list)
     seconds: float = 0.0
+    smoothing: list = field(default_factory=list)
 
 
 @dataclass
@@ -125,7 +150,7 @@ def _quantize_group(block, adapter: Adapter, names, inputs, kwargs, cfg: GPTQCon
     mods = {name: get_module(block, name) for name in names}
     accs = {}
     hooks = []
-    if cfg.method == "gptq":
+    if cfg.weights == "gptq":
         for name, mod in mods.items():
             W = linear_weight(mod, adapter)
             accs[name] = core.HessianAccumulator(W.shape[1])
@@ -142,7 +167,7 @@ def _quantize_group(block, adapter: Adapter, names, inputs, kwargs, cfg: GPTQCon
     for name, mod in mods.items():
         W = linear_weight(mod, adapter).float()
         lname = f"{prefix}.{name}"
-        if cfg.method == "gptq":
+        if cfg.weights == "gptq":
             r = core.gptq_quantize(
                 W,
                 accs[name].hessian(),
@@ -207,9 +232,22 @@ def quantize(
                     raise ValueError(f"block {i}: norm {a.name} shapes differ between float and quantized models")
         targets = _run(ref_block, inputs, kwargs)  # fOut_l on the quantized model's activations
         fallbacks: list = []
+        smoothing: list = []
         if float_model is None:
+            if config.method == "smoothquant":
+                from .smoothquant import smooth_block
+
+                smoothing = smooth_block(block, adapter, block_norms(block, adapter), inputs, kwargs,
+                                         alpha=config.alpha, wbits=config.bits, group_size=config.group_size,
+                                         sym=config.sym, abits=config.abits, prefix=f"{prefix_root}.{i}")
             for names in adapter.groups:
                 _quantize_group(block, adapter, names, inputs, kwargs, config, f"{prefix_root}.{i}", fallbacks)
+            if config.abits < 16:
+                from .smoothquant import attach_act_quant
+
+                for names in adapter.groups:
+                    for name in names:
+                        attach_act_quant(get_module(block, name), config.abits)
         outs = _run(block, inputs, kwargs)
         dmu0, dvar0 = channel_stats_gap(targets, outs)
         tstats = None
@@ -217,7 +255,7 @@ def quantize(
             tstats = tweak_block(block, block_norms(block, adapter), inputs, targets, kwargs, tweak, i, L)
             outs = _run(block, inputs, kwargs)
         dmu, dvar = channel_stats_gap(targets, outs)
-        stats.append(BlockStats(i, dmu, dvar, dmu0, dvar0, tstats, fallbacks, time.perf_counter() - t0))
+        stats.append(BlockStats(i, dmu, dvar, dmu0, dvar0, tstats, fallbacks, time.perf_counter() - t0, smoothing))
         inputs = outs
         bar.set_postfix(dmu=f"{dmu:.3g}", dvar=f"{dvar:.3g}")
         bar.update(1)

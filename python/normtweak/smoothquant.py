@@ -1,0 +1,151 @@
+"""SmoothQuant (Xiao et al. 2023, arXiv 2211.10438) and simulated activation
+quantization for the block walker.
+
+For each decoder block, the two (norm -> Linear layers) pairs every adapter
+has (the attention input norm before the query/key/value projections, the MLP
+input norm before the MLP's input projections) are smoothed: the per-channel
+maxima of the norm's output are gathered over the calibration tokens (in C++,
+`ActAbsMax`), the factors s = max|X|^alpha / max|W|^(1 - alpha) (paper eq. 4)
+computed over all Linear layers that read that output, and 1/s folded into the
+norm's weight and bias while the Linear weights take s. The float block is
+unchanged by this (up to float rounding); only its quantization sees flatter
+activations. alpha is fixed or searched per pair over a small grid, by the
+output error of the pair's Linear layers on the calibration tokens with their
+weights and activations quantized.
+
+Activation quantization is simulated: a forward pre-hook on each quantized
+Linear replaces its input by per-token dynamic symmetric fake-quantized values
+(`abits` bits; the scale of each token is max|x| / (2^(abits-1) - 1)). Its
+backward is the straight-through estimator, so Norm Tweaking's gradient reaches
+the norms through it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+
+from . import core
+from .models import Adapter, get_module, linear_weight, set_linear_weight
+from .tweak import NormInfo
+
+log = logging.getLogger("normtweak")
+
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def fake_quant_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric per-token (last dimension) dynamic fake quantization; straight-through backward."""
+    qmax = 2 ** (bits - 1) - 1
+    xf = x.float()
+    scale = xf.abs().amax(-1, keepdim=True).clamp_min(1e-8) / qmax
+    q = (torch.round(xf / scale).clamp(-qmax - 1, qmax) * scale).to(x.dtype)
+    return x + (q - x).detach()
+
+
+def _act_hook(bits: int):
+    def hook(mod, args):
+        return (fake_quant_per_token(args[0], bits),) + tuple(args[1:])
+
+    return hook
+
+
+def attach_act_quant(module: torch.nn.Module, bits: int) -> None:
+    """Fake-quantize the input of `module` (a Linear or Conv1D) to `bits` bits per token from now on."""
+    if not 2 <= bits <= 16:
+        raise ValueError(f"abits={bits} is not supported; choose 4..8, or 16 for float activations (--abits)")
+    old = getattr(module, "_normtweak_act_handle", None)
+    if old is not None:
+        old.remove()
+    if bits >= 16:
+        module._normtweak_act_handle = None
+        module._normtweak_abits = 16
+        return
+    module._normtweak_act_handle = module.register_forward_pre_hook(_act_hook(bits))
+    module._normtweak_abits = bits
+
+
+def fold_into_norm(norm: NormInfo, s: torch.Tensor) -> None:
+    """Divide the norm's output channels by s (weight and bias; Gemma's (1 + w) kept exact)."""
+    mod = norm.module
+    with torch.no_grad():
+        w = mod.weight
+        if norm.unit_offset:
+            w.copy_(((1.0 + w.double()) / s.double() - 1.0).to(w.dtype))
+        else:
+            w.copy_((w.double() / s.double()).to(w.dtype))
+        if getattr(mod, "bias", None) is not None:
+            mod.bias.copy_((mod.bias.double() / s.double()).to(mod.bias.dtype))
+
+
+def scale_inputs(module: torch.nn.Module, s: torch.Tensor, adapter: Adapter) -> None:
+    """W <- W diag(s) for a Linear [out, in] (or a Conv1D [in, out])."""
+    W = linear_weight(module, adapter).double()
+    set_linear_weight(module, (W * s.double()).float(), adapter)
+
+
+def _pair_error(X: torch.Tensor, Ws: Sequence[torch.Tensor], s: torch.Tensor, wbits: int, group_size: int,
+                sym: bool, abits: int) -> float:
+    """sum_k ||X W_k^T - fq(X / s) Q_k^T||^2 with Q_k = RTN(W_k diag(s)): what a smoothing choice costs."""
+    Xs = X / s
+    if abits < 16:
+        Xs = fake_quant_per_token(Xs, abits)
+    err = 0.0
+    for W in Ws:
+        Q = core.rtn_quantize(W * s, bits=wbits, group_size=group_size, sym=sym).Q
+        err += (X @ W.t() - Xs @ Q.t()).pow(2).sum().item()
+    return err
+
+
+@torch.no_grad()
+def smooth_block(block: torch.nn.Module, adapter: Adapter, norms: Sequence[NormInfo], inputs, kwargs, *,
+                 alpha: Optional[float], wbits: int, group_size: int, sym: bool, abits: int,
+                 prefix: str, max_tokens: int = 4096) -> list[dict]:
+    """Smooth the block's two (norm -> Linear layers) pairs in place; returns [{"pair", "alpha", "max_before",
+    "max_after"}] per pair. alpha None searches ALPHA_GRID per pair (needs the pair's inputs: at most
+    `max_tokens` calibration tokens are kept for that)."""
+    from .tweak import _first
+
+    pairs = [(norms[0], adapter.groups[0]), (norms[1], adapter.groups[2])]
+    accs, kept, hooks = [], [], []
+    for _, names in pairs:
+        first = get_module(block, names[0])
+        acc = core.ActAbsMax(linear_weight(first, adapter).shape[1])
+        store: list[torch.Tensor] = []
+
+        def hook(m, args, _acc=acc, _store=store):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            _acc.add_batch(x)
+            if alpha is None and sum(t.shape[0] for t in _store) < max_tokens:
+                _store.append(x.float().clone())
+
+        hooks.append(first.register_forward_pre_hook(hook))
+        accs.append(acc)
+        kept.append(store)
+    try:
+        for x in inputs:
+            _first(block(x, **kwargs))
+    finally:
+        for h in hooks:
+            h.remove()
+    report = []
+    for (norm, names), acc, store in zip(pairs, accs, kept):
+        mods = [get_module(block, n) for n in names]
+        Ws = [linear_weight(m, adapter).float() for m in mods]
+        amax = acc.absmax()
+        if alpha is None:
+            X = torch.cat(store)[:max_tokens]
+            errs = {a: _pair_error(X, Ws, core.smooth_factors(amax, Ws, a), wbits, group_size, sym, abits)
+                    for a in ALPHA_GRID}
+            a = min(errs, key=errs.get)
+        else:
+            a = alpha
+        s = core.smooth_factors(amax, Ws, a)
+        fold_into_norm(norm, s)
+        for m in mods:
+            scale_inputs(m, s, adapter)
+        report.append({"pair": f"{prefix}.{norm.name}", "alpha": a, "max_before": amax.max().item(),
+                       "max_after": (amax / s).max().item()})
+    return report

@@ -1,0 +1,136 @@
+"""SmoothQuant: the C++ statistics and factors against torch twins, smoothing
+that leaves every architecture's float outputs unchanged, W8A8 close to float,
+activation quantization seen by the tweak, export round trips and errors."""
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+from test_pipeline import ARCHS, calib, tiny
+
+import normtweak as nt
+from normtweak import export
+from normtweak.models import block_norms, blocks, get_adapter, get_module
+from normtweak.pipeline import capture_block_inputs
+from normtweak.smoothquant import ALPHA_GRID, fake_quant_per_token, smooth_block
+from normtweak.tweak import _first
+
+# Smoothing rescales weights by s and norms by 1/s in float64 before rounding
+# back to float32: outputs move by float32 rounding only.
+SMOOTH_REL = 1e-5
+# W8A8 (per-channel weights, per-token activations) on a tiny random model:
+# logits within a few percent of float.
+W8A8_REL = 5e-2
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_act_absmax_and_factors_match_torch(layer):
+    W, X = layer
+    acc = nt.ActAbsMax(X.shape[1])
+    for part in X.split(300):
+        acc.add_batch(part.half() if part.shape[0] < 300 else part)
+    amax = X.abs().amax(0)
+    tail = X.shape[0] % 300
+    amax_ref = torch.maximum(X[: X.shape[0] - tail].abs().amax(0), X[X.shape[0] - tail :].half().float().abs().amax(0))
+    assert acc.tokens == X.shape[0] and torch.equal(acc.absmax(), amax_ref)
+    W2 = W[: W.shape[0] // 2] * 3
+    for alpha in (0.0, 0.5, 0.85, 1.0):
+        s = nt.smooth_factors(amax, [W, W2], alpha)
+        w = torch.maximum(W.abs().amax(0), W2.abs().amax(0)).double()
+        ref = amax.double().clamp_min(1e-5) ** alpha / w.clamp_min(1e-5) ** (1 - alpha)
+        assert rel(s.double(), ref) < 1e-6
+    s = nt.smooth_factors(amax, [W], 0.5)
+    r = nt.smoothquant_quantize(W, s, bits=8)
+    assert r.method == "smoothquant" and torch.equal(r.smooth, s)
+    assert torch.equal(r.codes, nt.rtn_quantize(W * s, bits=8).codes)
+    assert rel((X / s) @ r.Q.t(), X @ W.t()) < 1e-2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_smoothing_leaves_the_float_model_unchanged(arch):
+    model = tiny(arch)
+    ids = calib(n=4, seqlen=16)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    adapter = get_adapter(model)
+    inputs, kwargs = capture_block_inputs(model, ids)
+    moved = []
+    for i, block in enumerate(blocks(model)):
+        rep = smooth_block(block, adapter, block_norms(block, adapter), inputs, kwargs, alpha=0.5, wbits=8,
+                           group_size=-1, sym=True, abits=16, prefix=f"b{i}")
+        moved += [r["max_after"] < r["max_before"] for r in rep]
+        with torch.no_grad():
+            inputs = [_first(block(x, **kwargs)) for x in inputs]
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert rel(after, before) < SMOOTH_REL
+    assert len(moved) == 2 * len(blocks(model)) and sum(moved) >= len(moved) // 2
+
+
+def test_w8a8_is_close_to_float_and_the_tweak_sees_activation_quantization(tmp_path):
+    model, ref = tiny("llama"), tiny("llama")
+    ids = calib()
+    cfg = nt.GPTQConfig(method="smoothquant", bits=8, group_size=-1, abits=8)
+    rep = nt.pipeline.quantize(model, ids, cfg, nt.TweakConfig(lr=1e-3), progress=False)
+    assert all(len(b["smoothing"]) == 2 for b in rep.blocks)
+    x = calib(2, seed=9)
+    with torch.no_grad():
+        f, q = ref(input_ids=x).logits, model(input_ids=x).logits
+    assert rel(q, f) < W8A8_REL
+    # The activation quantizers are live: removing them changes the block output.
+    lin = get_module(blocks(model)[0], "self_attn.q_proj")
+    assert lin._normtweak_abits == 8
+    h = torch.randn(1, 5, lin.in_features)
+    with torch.no_grad():
+        y_q = lin(h)
+        y_f = torch.nn.functional.linear(h, lin.weight)
+    assert not torch.equal(y_q, y_f) and rel(y_q, y_f) < 2e-2
+    # And the straight-through estimator lets gradients through.
+    h.requires_grad_(True)
+    lin(h).sum().backward()
+    assert h.grad is not None and h.grad.abs().sum() > 0
+    # Fake-quant export records the scheme and reloads with the activation quantizers attached.
+    out = export.save_fake(model, None, tmp_path / "w8a8")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "normtweak-fake" and qc["activations"]["bits"] == 8
+    assert qc["weights"]["method"] == "rtn" and qc["weights"]["bits"] == 8
+    loaded, _, _ = export.load_quantized(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, q)
+    plain = tf.AutoModelForCausalLM.from_pretrained(out).eval()  # transformers ignores the unknown method
+    with torch.no_grad():
+        assert rel(plain(input_ids=x).logits, q) < W8A8_REL
+    with pytest.raises(ValueError, match="--format fake"):
+        export.save_gptq(model, None, tmp_path / "g")
+
+
+def test_alpha_search_and_gptq_weights_under_smoothing():
+    model = tiny("opt")
+    ids = calib()
+    cfg = nt.GPTQConfig(method="smoothquant", bits=4, group_size=32, abits=8, alpha=None, weight_method="gptq")
+    rep = nt.pipeline.quantize(model, ids, cfg, None, progress=False)
+    alphas = [p["alpha"] for b in rep.blocks for p in b["smoothing"]]
+    assert len(alphas) == 4 and set(alphas) <= set(ALPHA_GRID)
+    assert all(m._normtweak_quant.method == "gptq" for m in model.modules() if hasattr(m, "_normtweak_quant"))
+
+
+def test_fake_quant_per_token():
+    x = torch.tensor([[1.0, -0.6, 0.26], [100.0, 1.0, -3.0]])
+    q = fake_quant_per_token(x, 4)  # qmax 7: scales 1/7 and 100/7
+    assert torch.allclose(q[0], torch.tensor([1.0, -4 / 7, 2 / 7]))
+    assert torch.allclose(q[1], torch.tensor([100.0, 0.0, 0.0]))
+
+
+def test_smoothquant_errors_name_the_setting():
+    with pytest.raises(ValueError, match="alpha=1.5"):
+        nt.GPTQConfig(method="smoothquant", alpha=1.5)
+    with pytest.raises(ValueError, match="abits=3"):
+        nt.GPTQConfig(abits=3)
+    with pytest.raises(ValueError, match="weight_method='awq'"):
+        nt.GPTQConfig(method="smoothquant", weight_method="awq")
+    with pytest.raises(ValueError, match="alpha=2"):
+        nt.smooth_factors(torch.ones(4), [torch.ones(2, 4)], 2.0)
