@@ -120,3 +120,17 @@ def test_tweak_lr_option_takes_a_value_a_list_or_auto():
     assert cli._parse_lr("auto") == (DEFAULT_GRID[0], DEFAULT_GRID)
     with pytest.raises(ValueError, match="'fast' is not a number"):
         cli._parse_lr("fast")
+
+
+def test_cli_smoothquant_w8a8_with_tweak(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "w8a8"
+    common = ["quantize", "--model", str(tiny_model_dir), "--method", "smoothquant", "--wbits", "8", "--group-size",
+              "-1", "--abits", "8", "--calib", "text:emma", "--nsamples", "4", "--seqlen", "32"]
+    assert cli.main(common + ["--out", str(out)]) == 2  # activations cannot go into the GPTQ format
+    assert "--format fake" in capsys.readouterr().err and not out.exists()
+    assert cli.main(common + ["--out", str(out), "--format", "fake", "--alpha", "search", "--tweak"]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["activations"]["bits"] == 8 and qc["weights"]["method"] == "rtn"
+    assert cli.main(["eval", "--model", str(out), "--tasks", "ppl:persuasion", "--limit", "1"]) == 0
+    assert cli.main(common[:-8] + ["--abits", "8", "--alpha", "1.5", "--out", str(out)]) == 2
+    assert "alpha=1.5" in capsys.readouterr().err
