@@ -3,7 +3,9 @@ W4 per-channel, W3 g128 and W2 g64, on LAMBADA (all 5153 passages by default),
 held-out perplexity (Austen's Persuasion), PIQA and ARC-Easy, with quantization
 time and peak memory per row; and the paper's ablations of the tweak loss
 (Table 9: dist, mse, kl) and of the number of passes (Table 6: 1, 2, 5) on
-GPTQ W3 g128. Writes docs/results.json and docs/results.md.
+GPTQ W3 g128; and SmoothQuant rows (W8A8, W4A8 with RTN or GPTQ weights,
+W4A4, with and without NT; --rows smoothquant). Writes docs/results.json and
+docs/results.md.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_accuracy.py
     .venv/bin/python benchmarks/bench_accuracy.py --rows float,gptq-w3g128,gptq-w3g128-nt --lambada-limit 500
@@ -29,9 +31,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"w4": (4, -1), "w3g128": (3, 128), "w2g64": (2, 64)}
+# Weight-activation settings (weights per channel; activations per token): SmoothQuant's rows.
+ACT_CONFIGS = {"w8a8": (8, -1, 8), "w4a8": (4, -1, 8), "w4a4": (4, -1, 4)}
+METHODS = {"rtn": ("rtn", "rtn"), "gptq": ("gptq", "gptq"), "sq": ("smoothquant", "rtn"),
+           "sqgptq": ("smoothquant", "gptq")}
 MAIN_ROWS = ["float"] + [f"{m}-{c}{t}" for c in CONFIGS for m in ("rtn", "gptq") for t in ("", "-nt")]
 ABLATION_ROWS = ["gptq-w3g128-nt-loss=mse", "gptq-w3g128-nt-loss=kl", "gptq-w3g128-nt-passes=2",
                  "gptq-w3g128-nt-passes=5"]
+SMOOTHQUANT_ROWS = ["sq-w8a8", "sq-w8a8-nt", "sq-w4a8", "sqgptq-w4a8", "sq-w4a8-nt", "sqgptq-w4a8-nt", "sq-w4a4"]
 
 
 def parse_row(name: str) -> dict:
@@ -39,10 +46,14 @@ def parse_row(name: str) -> dict:
     if name == "float":
         return {"method": "float"}
     parts = name.split("-")
-    if len(parts) < 2 or parts[0] not in ("rtn", "gptq") or parts[1] not in CONFIGS:
-        raise SystemExit(f"row {name!r}: expected float or (rtn|gptq)-({'|'.join(CONFIGS)})[-nt[-key=value...]]")
-    bits, gs = CONFIGS[parts[1]]
-    row = {"method": parts[0], "bits": bits, "group_size": gs, "tweak": None}
+    configs = {**{k: (*v, 16) for k, v in CONFIGS.items()}, **ACT_CONFIGS}
+    if len(parts) < 2 or parts[0] not in METHODS or parts[1] not in configs:
+        raise SystemExit(f"row {name!r}: expected float or ({'|'.join(METHODS)})-({'|'.join(configs)})"
+                         "[-nt[-key=value...]]")
+    bits, gs, abits = configs[parts[1]]
+    method, weights = METHODS[parts[0]]
+    row = {"method": method, "weight_method": weights, "bits": bits, "group_size": gs, "abits": abits,
+           "tweak": None, "label": parts[0]}
     if len(parts) > 2:
         if parts[2] != "nt":
             raise SystemExit(f"row {name!r}: the third part must be 'nt'")
@@ -79,7 +90,7 @@ def run_row(args) -> dict:
     if spec["method"] != "float":
         calib = cached_calibration(model, tok, args.calib, args.nsamples, args.seqlen)
         cfg = nt.GPTQConfig(bits=spec["bits"], group_size=spec["group_size"], method=spec["method"], sym=args.sym,
-                            act_order=args.act_order)
+                            act_order=args.act_order, abits=spec["abits"], weight_method=spec["weight_method"])
         tweak = None
         if spec["tweak"] is not None:
             tweak = nt.TweakConfig(**{"lr": args.tweak_lr, "scale": args.tweak_scale, **spec["tweak"]})
@@ -132,12 +143,16 @@ def render(store: dict, args) -> str:
         if spec["method"] == "float":
             return "float", "-"
         w = f"W{spec['bits']} " + ("per-channel" if spec["group_size"] < 0 else f"g{spec['group_size']}")
-        model = spec["method"].upper()
+        if spec["abits"] < 16:
+            w = f"W{spec['bits']}A{spec['abits']}"
+        model = {"rtn": "RTN", "gptq": "GPTQ", "sq": "SmoothQuant (RTN weights)",
+                 "sqgptq": "SmoothQuant (GPTQ weights)"}[spec["label"]]
         if spec["tweak"] is not None:
             model += " + NT" + "".join(f", {k} {v}" for k, v in spec["tweak"].items())
         return model, w
 
-    for name in MAIN_ROWS + ABLATION_ROWS + sorted(set(rows) - set(MAIN_ROWS) - set(ABLATION_ROWS)):
+    known = MAIN_ROWS + ABLATION_ROWS + SMOOTHQUANT_ROWS
+    for name in known + sorted(set(rows) - set(known)):
         r = rows.get(name)
         if r is None:
             continue
@@ -163,7 +178,8 @@ def child_flags(args) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="main,ablation", help="main, ablation, or row names (e.g. gptq-w3g128-nt)")
+    ap.add_argument("--rows", default="main,ablation",
+                    help="main, ablation, smoothquant, or row names (e.g. gptq-w3g128-nt, sq-w8a8-nt)")
     ap.add_argument("--lambada-limit", type=int, default=None)
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--mc-tasks", default="piqa,arc_easy")
@@ -186,7 +202,8 @@ def main() -> None:
 
     wanted: list[str] = []
     for item in args.rows.split(","):
-        wanted += MAIN_ROWS if item == "main" else ABLATION_ROWS if item == "ablation" else [item]
+        groups = {"main": MAIN_ROWS, "ablation": ABLATION_ROWS, "smoothquant": SMOOTHQUANT_ROWS}
+        wanted += groups.get(item, [item])
     for name in wanted:
         parse_row(name)
     store_path = Path(args.store)
