@@ -111,11 +111,17 @@ def cmd_quantize(args) -> int:
     model, tok = load_model(args.model)
     tweak = _tweak_config(args) if args.tweak else None
     calib = _calibration(args, model, tok)
-    report = quantize(model, calib, cfg, tweak)
-    extra = {"report": {"config": report.config, "tweak": report.tweak, "seconds": report.seconds,
-                        "lr_search": report.lr_search},
-             "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}}
     out = Path(args.out)
+    searching = tweak is not None and bool(tweak.lr_grid)
+    if args.resume and (searching or args.no_checkpoint):
+        raise ValueError("--resume needs per-block checkpoints, which --no-checkpoint and the learning-rate "
+                         "search (--tweak-lr auto or a list) turn off")
+    ckpt = None if searching or args.no_checkpoint else export.staging_dir(out) / export.RESUME
+    report = quantize(model, calib, cfg, tweak, checkpoint=ckpt, resume=args.resume)
+    # Only what the run determines goes into the checkpoint (no timings), so that the same command with
+    # the same seed and threads writes the same bytes.
+    extra = {"report": {"config": report.config, "tweak": report.tweak, "lr_search": report.lr_search},
+             "calibration": {"source": args.calib, "nsamples": args.nsamples, "seqlen": args.seqlen, "seed": args.seed}}
     if args.format == "gptq":
         export.save_gptq(model, tok, out, extra)
     else:
@@ -223,6 +229,10 @@ def main(argv=None) -> int:
     _add_tweak_args(q)
     _add_calib_args(q)
     q.add_argument("--format", choices=("gptq", "fake"), default="gptq")
+    q.add_argument("--resume", action="store_true",
+                   help="continue a killed run from its last completed block (checkpoints in OUT.tmp/resume)")
+    q.add_argument("--no-checkpoint", action="store_true",
+                   help="do not write per-block checkpoints (they take about the model's size on disk)")
     q.add_argument("--report", help="write a per-block plot (paper Figure 1) to this PNG path")
     q.set_defaults(fn=cmd_quantize)
 

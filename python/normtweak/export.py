@@ -28,16 +28,28 @@ from .models import get_adapter
 WEIGHTS = "model.safetensors"
 
 
+RESUME = "resume"  # per-block checkpoints of the run writing this folder (checkpoint.py)
+
+
+def staging_dir(out: str | Path) -> Path:
+    """Where the files of `out` are written before the rename; its `resume/` holds the run's checkpoints."""
+    out = Path(out)
+    return out.with_name(out.name + ".tmp")
+
+
 def _atomic_dir(out: str | Path):
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out)
+    if tmp.exists():  # leftovers of an earlier attempt, but not its checkpoints
+        for p in tmp.iterdir():
+            if p.name != RESUME:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    tmp.mkdir(parents=True, exist_ok=True)
     return out, tmp
 
 
 def _finish(tmp: Path, out: Path) -> None:
+    shutil.rmtree(tmp / RESUME, ignore_errors=True)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -198,6 +198,8 @@ def quantize(
     tweak: Optional[TweakConfig] = None,
     progress: bool = True,
     float_model=None,
+    checkpoint: Optional[str] = None,
+    resume: bool = False,
 ) -> QuantizeReport:
     """Quantize `model` in place; tweak its norms when `tweak` is given.
 
@@ -205,10 +207,15 @@ def quantize(
     float_model: post-step mode — `model` is already quantized; the float
         targets come from the same blocks of `float_model` and no weight is
         quantized again.
+    checkpoint: a folder for per-block checkpoints (checkpoint.py); with
+        `resume`, the blocks completed there are restored instead of redone.
     """
     from tqdm.auto import tqdm
 
     if tweak is not None and tweak.lr_grid:
+        if checkpoint is not None:
+            raise ValueError("per-block checkpoints (--resume) do not cover the learning-rate search; give one "
+                             "--tweak-lr value")
         return _quantize_with_lr_search(model, calib, config, tweak, progress, float_model)
     adapter = get_adapter(model)
     if float_model is not None and get_adapter(float_model) != adapter:
@@ -221,9 +228,23 @@ def quantize(
     inputs, kwargs = capture_block_inputs(model, calib)
     L = len(layers)
     stats: list[BlockStats] = []
-    bar = tqdm(total=L, desc="quantizing blocks", unit="block", disable=not progress)
+    start = 0
+    ckpt = None
+    if checkpoint is not None:
+        from .checkpoint import BlockCheckpoint, fingerprint
+
+        ckpt = BlockCheckpoint(checkpoint, fingerprint(model, calib, config, tweak))
+        ckpt.start(resume)
+        if resume:
+            start, restored_inputs, restored = ckpt.restore(layers, config.abits if float_model is None else 16)
+            if start:
+                inputs = restored_inputs
+                stats = [BlockStats(**d) for d in restored]
+    bar = tqdm(total=L, initial=start, desc="quantizing blocks", unit="block", disable=not progress)
     prefix_root = adapter.layers
     for i, block in enumerate(layers):
+        if i < start:
+            continue
         t0 = time.perf_counter()
         ref_block = flayers[i] if flayers is not None else block
         if flayers is not None:
@@ -257,6 +278,8 @@ def quantize(
         dmu, dvar = channel_stats_gap(targets, outs)
         stats.append(BlockStats(i, dmu, dvar, dmu0, dvar0, tstats, fallbacks, time.perf_counter() - t0, smoothing))
         inputs = outs
+        if ckpt is not None:
+            ckpt.save_block(i, block, asdict(stats[-1]), inputs)
         bar.set_postfix(dmu=f"{dmu:.3g}", dvar=f"{dvar:.3g}")
         bar.update(1)
         del targets

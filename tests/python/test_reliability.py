@@ -1,0 +1,75 @@
+"""Interruption and reproducibility: a `normtweak quantize` process killed
+mid-run resumes from its last completed block and writes the same bytes as an
+uninterrupted run; the same command twice writes identical files; a resume
+under other settings is refused."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from normtweak.models import load_model
+
+    _, tok = load_model("smollm2-135m")
+    cfg = tf.LlamaConfig(vocab_size=len(tok), num_hidden_layers=LAYERS, hidden_size=128, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=512)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    d = tmp_path_factory.mktemp("tiny8")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def quantize_cmd(model_dir, out, *extra):
+    return [sys.executable, "-m", "normtweak.cli", "--threads", "2", "quantize", "--model", str(model_dir), "--out",
+            str(out), "--wbits", "3", "--group-size", "32", "--act-order", "--tweak", "--tweak-lr", "1e-3",
+            "--calib", "text:emma", "--nsamples", "8", "--seqlen", "64", "--seed", "3", *extra]
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_same_bytes_twice_and_after_a_kill_and_resume(model_dir, tmp_path):
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    for d in (a, b):
+        subprocess.run(quantize_cmd(model_dir, d), check=True, capture_output=True)
+    ref = files(a)
+    assert set(ref) >= {"config.json", "model.safetensors"} and files(b) == ref
+    assert not (tmp_path / "a.tmp").exists()
+
+    proc = subprocess.Popen(quantize_cmd(model_dir, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "out.tmp" / "resume"
+    deadline = time.time() + 300
+    while not (ckpt / "block_0001.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed; make the test model slower"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 <= len(list(ckpt.glob("block_*.pt"))) < LAYERS
+    assert not out.exists()  # nothing that looks like a finished checkpoint
+    assert not (tmp_path / "out.tmp" / "config.json").exists()
+
+    other = quantize_cmd(model_dir, out, "--resume")
+    other[other.index("--wbits") + 1] = "4"
+    r = subprocess.run(other, capture_output=True, text=True)
+    assert r.returncode == 2 and "other config" in r.stderr and "'bits': 4" in r.stderr
+
+    r = subprocess.run(quantize_cmd(model_dir, out, "--resume"), check=True, capture_output=True, text=True)
+    m = re.search(r"blocks 0\.\.(\d+) restored", r.stderr)
+    assert m and 0 <= int(m.group(1)) < LAYERS - 1
+    assert files(out) == ref
+    assert not (tmp_path / "out.tmp").exists()
