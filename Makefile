@@ -12,7 +12,7 @@ JOBS ?= 2
 APT_PACKAGES := cmake g++ libeigen3-dev libfmt-dev catch2 libdlpack-dev libopenblas-openmp-dev
 CMAKE_ARGS ?=
 
-.PHONY: all deps build python test test-cpp test-python demo bench clean data
+.PHONY: all deps build python test test-cpp test-python test-sanitize demo bench clean data
 
 all: build
 
@@ -58,6 +58,17 @@ test-python: python data
 	$(PY) -m pytest
 
 test: test-cpp test-python
+
+# The C++ tests again under AddressSanitizer + UBSan, and the fuzz target for a bounded time.
+SAN_BUILD := build-sanitize
+test-sanitize: deps
+	@echo "== C++ tests under AddressSanitizer and UndefinedBehaviorSanitizer in $(SAN_BUILD)/"
+	cmake -S . -B $(SAN_BUILD) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
+	  -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNORMTWEAK_SANITIZE=ON -DNORMTWEAK_FUZZ=ON -DNORMTWEAK_CUDA=OFF \
+	  -DNORMTWEAK_INSTALL=OFF -DNORMTWEAK_BUILD_EXAMPLES=OFF
+	cmake --build $(SAN_BUILD) -j $(JOBS)
+	cd $(SAN_BUILD) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
+	  ctest --output-on-failure
 
 demo: build python data
 	@echo "== RTN vs GPTQ on a realistic 2048x2048 layer (C++ API)"

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <string>
 
 namespace normtweak {
@@ -162,13 +163,23 @@ class TensorView {
     for (int i = 0; i < rank; ++i) {
       shape_[i] = shape[i];
       NT_CHECK(shape_[i] >= 0, "negative size {} in dimension {}", shape_[i], i);
-      n *= shape_[i];
     }
+    // Element counts and offsets are int64: a shape whose size overflows it cannot describe real memory.
+    for (int i = 0; i < rank; ++i)
+      NT_CHECK(!__builtin_mul_overflow(n, shape_[i], &n), "tensor shape {} has more elements than fit in int64",
+               shape_str());
     std::int64_t acc = 1;
     for (int i = rank - 1; i >= 0; --i) {
       strides_[i] = strides ? strides[i] : acc;
-      acc *= shape_[i];
+      acc *= shape_[i];  // cannot overflow: acc divides n
     }
+    if (n > 0)
+      for (int i = 0; i < rank; ++i) {
+        std::int64_t span = 0;
+        NT_CHECK(strides_[i] != std::numeric_limits<std::int64_t>::min() &&
+                     !__builtin_mul_overflow(shape_[i] - 1, strides_[i] < 0 ? -strides_[i] : strides_[i], &span),
+                 "tensor of shape {} with strides {} reaches offsets beyond int64", shape_str(), strides_str());
+      }
     NT_CHECK(n == 0 || data_ != nullptr, "tensor of shape {} has a null data pointer", shape_str());
   }
 
