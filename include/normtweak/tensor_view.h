@@ -171,7 +171,8 @@ class TensorView {
     std::int64_t acc = 1;
     for (int i = rank - 1; i >= 0; --i) {
       strides_[i] = strides ? strides[i] : acc;
-      acc *= shape_[i];  // cannot overflow: acc divides n
+      // Overflows only when another dimension is 0 (n == 0): nothing is addressed then.
+      if (__builtin_mul_overflow(acc, shape_[i], &acc)) acc = 0;
     }
     if (n > 0)
       for (int i = 0; i < rank; ++i) {
