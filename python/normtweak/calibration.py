@@ -142,14 +142,10 @@ def cached_calibration(model, tokenizer, source: str = "generate", n: int = 128,
     text, or a file path); generated calibration is cached on disk, keyed by the model (its config and a sample of its
     embedding), n, seqlen and seed."""
     if source == "generate":
-        from .models import cache_dir
+        from .models import cache_dir, model_fingerprint
 
-        import hashlib
-
-        emb = model.get_input_embeddings().weight
-        h = hashlib.sha1(model.config.to_json_string(use_diff=False).encode())
-        h.update(emb[:: max(1, emb.shape[0] // 256)].detach().float().contiguous().numpy().tobytes())
-        path = cache_dir() / "calibration" / f"{model.config.model_type}-{h.hexdigest()[:12]}-n{n}-len{seqlen}-seed{seed}.pt"
+        key = f"{model.config.model_type}-{model_fingerprint(model)[:12]}-n{n}-len{seqlen}-seed{seed}"
+        path = cache_dir() / "calibration" / f"{key}.pt"
         if path.exists():
             ids = torch.load(path)
             if tuple(ids.shape) == (n, seqlen):

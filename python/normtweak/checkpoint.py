@@ -29,11 +29,10 @@ log = logging.getLogger("normtweak")
 
 
 def fingerprint(model, calib: torch.Tensor, config, tweak) -> dict:
-    emb = model.get_input_embeddings().weight
-    h = hashlib.sha1(emb[:: max(1, emb.shape[0] // 256)].detach().float().contiguous().numpy().tobytes())
-    h.update(model.config.to_json_string(use_diff=False).encode())
+    from .models import model_fingerprint
+
     return {
-        "model": h.hexdigest(),
+        "model": model_fingerprint(model),
         "calibration": hashlib.sha1(calib.contiguous().numpy().tobytes()).hexdigest(),
         "config": asdict(config),
         "tweak": asdict(tweak) if tweak is not None else None,

@@ -142,6 +142,16 @@ def set_linear_weight(module: torch.nn.Module, W: torch.Tensor, adapter: Adapter
     module.weight.data.copy_(W.t() if adapter.conv1d else W)
 
 
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the model's config and a sample of its embedding rows (cache and checkpoint keys)."""
+    import hashlib
+
+    emb = model.get_input_embeddings().weight
+    h = hashlib.sha1(model.config.to_json_string(use_diff=False).encode())
+    h.update(emb[:: max(1, emb.shape[0] // 256)].detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("NORMTWEAK_CACHE", Path.home() / ".cache" / "normtweak"))
 

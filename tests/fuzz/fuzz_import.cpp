@@ -68,7 +68,7 @@ void fuzz_dlpack(Reader& r) {
     const std::int64_t last = reach(v);
     if (last < 0 || v.dev() != normtweak::device::cpu() || v.rank() < 1) return;
     // Back the view with exactly the memory it describes, then read all of it.
-    std::vector<double> buf(static_cast<std::size_t>((last + 1) * 8 / 8 + 1));
+    std::vector<double> buf(static_cast<std::size_t>(last + 1));  // elements are at most 8 bytes
     t.data = buf.data();
     normtweak::TensorView backed = normtweak::view_of(t);
     if (backed.type() == normtweak::dtype::f32 || backed.type() == normtweak::dtype::f16 ||

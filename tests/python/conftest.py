@@ -30,3 +30,18 @@ def layer():
     X = realistic_activations(2048, n, seed=1)
     W = realistic_weights(m, n, seed=2)
     return W, X
+
+
+def tiny_llama_dir(folder, layers: int = 2, hidden: int = 64, intermediate: int = 128):
+    """A random LLaMA model with SmolLM2's tokenizer, saved as an HF folder."""
+    import transformers as tf
+
+    from normtweak.models import load_model
+
+    _, tok = load_model("smollm2-135m")
+    cfg = tf.LlamaConfig(vocab_size=len(tok), num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=intermediate)
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -4,24 +4,15 @@ import json
 
 import pytest
 import torch
-import transformers as tf
+
+from conftest import tiny_llama_dir
 
 from normtweak import cli
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from normtweak.models import load_model
-
-    _, tok = load_model("smollm2-135m")
-    cfg = tf.LlamaConfig(vocab_size=len(tok), num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=128)
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(cfg)
-    d = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny"))
 
 
 def test_quantize_with_report_then_eval(tiny_model_dir, tmp_path, capsys):

@@ -12,25 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-import transformers as tf
+from conftest import tiny_llama_dir
 
 LAYERS = 6
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from normtweak.models import load_model
-
-    _, tok = load_model("smollm2-135m")
-    cfg = tf.LlamaConfig(vocab_size=len(tok), num_hidden_layers=LAYERS, hidden_size=128, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=512)
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(cfg)
-    d = tmp_path_factory.mktemp("tiny8")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny6"), layers=LAYERS, hidden=128, intermediate=512)
 
 
 def quantize_cmd(model_dir, out, *extra):
