@@ -213,7 +213,14 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
             f"model {name_or_path!r} is not a bundled name ({', '.join(BUNDLED)}), a .gguf file, "
             "or a local folder with config.json"
         )
-    tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except Exception as e:  # OSError, SafetensorError, ValueError... depending on what is broken
+        weights = sorted(p.name for p in path.glob("*.safetensors")) + sorted(p.name for p in path.glob("*.bin"))
+        raise ValueError(
+            f"model folder {path} could not be loaded ({type(e).__name__}: {e}); weight files there: "
+            f"{', '.join(weights) or 'none'}. Is a file missing or truncated? Copy the folder again."
+        ) from e
     model.eval()
     return model, tok

@@ -146,8 +146,18 @@ def _run(block, inputs, kwargs) -> list[torch.Tensor]:
     return [_first(block(x, **kwargs)) for x in inputs]
 
 
+def _check_group_size(cfg: GPTQConfig, W: torch.Tensor, lname: str) -> None:
+    if cfg.group_size > W.shape[1]:
+        raise ValueError(
+            f"group_size={cfg.group_size} is larger than layer {lname!r} (in_features={W.shape[1]}); "
+            f"use --group-size {W.shape[1]} or smaller, or -1 for one group per output channel"
+        )
+
+
 def _quantize_group(block, adapter: Adapter, names, inputs, kwargs, cfg: GPTQConfig, prefix: str, fallbacks: list):
     mods = {name: get_module(block, name) for name in names}
+    for name, mod in mods.items():
+        _check_group_size(cfg, linear_weight(mod, adapter), f"{prefix}.{name}")
     accs = {}
     hooks = []
     if cfg.weights == "gptq":
@@ -155,8 +165,11 @@ def _quantize_group(block, adapter: Adapter, names, inputs, kwargs, cfg: GPTQCon
             W = linear_weight(mod, adapter)
             accs[name] = core.HessianAccumulator(W.shape[1])
 
-            def hook(m, args, out, _acc=accs[name]):
-                _acc.add_batch(args[0].detach().reshape(-1, args[0].shape[-1]))
+            def hook(m, args, out, _acc=accs[name], _name=f"{prefix}.{name}"):
+                try:
+                    _acc.add_batch(args[0].detach().reshape(-1, args[0].shape[-1]))
+                except ValueError as e:
+                    raise ValueError(f"input of layer {_name!r}: {e}") from None
 
             hooks.append(mod.register_forward_hook(hook))
         try:
