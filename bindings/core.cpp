@@ -180,6 +180,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_num_threads", &set_num_threads, py::arg("n"), "Threads for normtweak's CPU work (OpenMP loops and BLAS).");
   m.def("num_threads", &num_threads);
   m.def(
+      "has_cuda", [] { return cuda_backend_slot() != nullptr; },
+      "Whether this module was built with the CUDA back-end (CMake option NORMTWEAK_PYTHON_CUDA).");
+  m.def(
       "set_log_handler",
       [](py::object fn) {
         if (fn.is_none()) {
@@ -202,19 +205,20 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "rtn_quantize",
       [](const py::handle& W, int bits, int group_size, bool sym, bool mse, float mse_norm, int mse_grid,
-         float mse_maxshrink, const std::string& name) {
+         float mse_maxshrink, const std::string& name, std::uintptr_t stream) {
         DLPackTensor w = import_tensor(W, "W");
         Quantizer<RTN> q(make_spec(bits, group_size, sym, mse, mse_norm, mse_grid, mse_maxshrink), RTN::config{name});
         QuantResult r;
         {
           py::gil_scoped_release release;
+          CudaStreamScope on(reinterpret_cast<void*>(stream));
           r = q.quantize(w.view());
         }
         return result_dict(std::move(r));
       },
       py::arg("W"), py::arg("bits") = 4, py::arg("group_size") = -1, py::arg("sym") = true, py::arg("mse") = false,
       py::arg("mse_norm") = 2.4f, py::arg("mse_grid") = 100, py::arg("mse_maxshrink") = 0.8f, py::arg("name") = "",
-      "Round-to-nearest quantization of W [out, in].");
+      py::arg("stream") = 0, "Round-to-nearest quantization of W [out, in]; CUDA tensors run on `stream`.");
 
   py::class_<ActAbsMax, std::shared_ptr<ActAbsMax>>(m, "ActAbsMax")
       .def(py::init<std::int64_t>(), py::arg("channels"))
@@ -275,7 +279,7 @@ PYBIND11_MODULE(_core, m) {
       "gptq_quantize",
       [](const py::handle& W, const py::handle& H, int bits, int group_size, bool sym, bool mse, float mse_norm,
          int mse_grid, float mse_maxshrink, int blocksize, double percdamp, bool act_order, bool static_groups,
-         int damp_retries, const std::string& name) {
+         int damp_retries, const std::string& name, std::uintptr_t stream) {
         DLPackTensor w = import_tensor(W, "W");
         DLPackTensor h = import_tensor(H, "H");
         GPTQ::config cfg;
@@ -289,6 +293,7 @@ PYBIND11_MODULE(_core, m) {
         QuantResult r;
         {
           py::gil_scoped_release release;
+          CudaStreamScope on(reinterpret_cast<void*>(stream));
           r = q.quantize(w.view(), h.view());
         }
         return result_dict(std::move(r));
@@ -296,22 +301,25 @@ PYBIND11_MODULE(_core, m) {
       py::arg("W"), py::arg("H"), py::arg("bits") = 4, py::arg("group_size") = -1, py::arg("sym") = true,
       py::arg("mse") = false, py::arg("mse_norm") = 2.4f, py::arg("mse_grid") = 100, py::arg("mse_maxshrink") = 0.8f,
       py::arg("blocksize") = 128, py::arg("percdamp") = 0.01, py::arg("act_order") = false,
-      py::arg("static_groups") = false, py::arg("damp_retries") = 3, py::arg("name") = "",
-      "GPTQ quantization of W [out, in] with Hessian H [in, in].");
+      py::arg("static_groups") = false, py::arg("damp_retries") = 3, py::arg("name") = "", py::arg("stream") = 0,
+      "GPTQ quantization of W [out, in] with Hessian H [in, in]; CUDA tensors run on `stream` (a cudaStream_t "
+      "as an integer, 0 = default stream).");
 
 
   m.def(
       "channel_dist_loss",
-      [](const py::handle& f, const py::handle& q, const std::string& kind, const py::object& grad_q) {
+      [](const py::handle& f, const py::handle& q, const std::string& kind, const py::object& grad_q,
+         std::uintptr_t stream) {
         DLPackTensor ft = import_tensor(f, "f"), qt = import_tensor(q, "q");
         DLPackTensor gt;
         const bool with_grad = !grad_q.is_none();
         if (with_grad) gt = import_tensor(grad_q, "grad_q");
         const DistLoss k = dist_loss_from_string(kind);
         py::gil_scoped_release release;
+        CudaStreamScope on(reinterpret_cast<void*>(stream));
         return channel_dist_loss(ft.view(), qt.view(), k, with_grad ? &gt.view() : nullptr);
       },
-      py::arg("f"), py::arg("q"), py::arg("kind") = "dist", py::arg("grad_q") = py::none(),
+      py::arg("f"), py::arg("q"), py::arg("kind") = "dist", py::arg("grad_q") = py::none(), py::arg("stream") = 0,
       "Norm Tweaking loss between float output f and quantized output q [..., C]; writes dL/dq into grad_q "
       "(float32, same number of elements) when given.");
 
@@ -330,7 +338,8 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "norm_forward",
       [make_norm_spec](const std::string& kind, float eps, bool unit_offset, const py::handle& x, const py::handle& w,
-                       const py::object& b, const py::handle& y, const py::handle& rstd, const py::object& mean) {
+                       const py::object& b, const py::handle& y, const py::handle& rstd, const py::object& mean,
+                       std::uintptr_t stream) {
         const NormSpec spec = make_norm_spec(kind, eps, unit_offset);
         DLPackTensor xt = import_tensor(x, "x"), wt = import_tensor(w, "weight"), yt = import_tensor(y, "y"),
                      rt = import_tensor(rstd, "rstd");
@@ -338,16 +347,17 @@ PYBIND11_MODULE(_core, m) {
         if (!b.is_none()) bt = import_tensor(b, "bias");
         if (!mean.is_none()) mt = import_tensor(mean, "mean");
         py::gil_scoped_release release;
+        CudaStreamScope on(reinterpret_cast<void*>(stream));
         norm_forward(spec, xt.view(), wt.view(), b.is_none() ? nullptr : &bt.view(), yt.view(), rt.view(),
                      mean.is_none() ? nullptr : &mt.view());
       },
       py::arg("kind"), py::arg("eps"), py::arg("unit_offset"), py::arg("x"), py::arg("weight"), py::arg("bias"),
-      py::arg("y"), py::arg("rstd"), py::arg("mean"));
+      py::arg("y"), py::arg("rstd"), py::arg("mean"), py::arg("stream") = 0);
   m.def(
       "norm_backward",
       [make_norm_spec](const std::string& kind, float eps, bool unit_offset, const py::handle& x, const py::handle& w,
                        const py::handle& dy, const py::handle& rstd, const py::object& mean, const py::handle& dx,
-                       const py::handle& dw, const py::object& db) {
+                       const py::handle& dw, const py::object& db, std::uintptr_t stream) {
         const NormSpec spec = make_norm_spec(kind, eps, unit_offset);
         DLPackTensor xt = import_tensor(x, "x"), wt = import_tensor(w, "weight"), dyt = import_tensor(dy, "dy"),
                      rt = import_tensor(rstd, "rstd"), dxt = import_tensor(dx, "dx"), dwt = import_tensor(dw, "dw");
@@ -355,11 +365,12 @@ PYBIND11_MODULE(_core, m) {
         if (!mean.is_none()) mt = import_tensor(mean, "mean");
         if (!db.is_none()) dbt = import_tensor(db, "db");
         py::gil_scoped_release release;
+        CudaStreamScope on(reinterpret_cast<void*>(stream));
         norm_backward(spec, xt.view(), wt.view(), dyt.view(), rt.view(), mean.is_none() ? nullptr : &mt.view(),
                       dxt.view(), dwt.view(), db.is_none() ? nullptr : &dbt.view());
       },
       py::arg("kind"), py::arg("eps"), py::arg("unit_offset"), py::arg("x"), py::arg("weight"), py::arg("dy"),
-      py::arg("rstd"), py::arg("mean"), py::arg("dx"), py::arg("dw"), py::arg("db"));
+      py::arg("rstd"), py::arg("mean"), py::arg("dx"), py::arg("dw"), py::arg("db"), py::arg("stream") = 0);
 
   py::class_<PyNormTweaker>(m, "NormTweaker")
       .def(py::init([](double lr0, double scale, int passes, int num_layers, double beta1, double beta2, double eps) {

@@ -17,6 +17,7 @@
 // grad_q (optional): float32 [tokens, C] contiguous, written, not accumulated.
 #pragma once
 
+#include "normtweak/cuda_dispatch.h"
 #include "normtweak/detail/convert.h"
 #include "normtweak/quantizer.h"
 #include "normtweak/tensor_view.h"
@@ -70,6 +71,10 @@ inline T sign_of(T x) {
 // Returns the loss; writes dL/dq into grad_q when it is given.
 inline double channel_dist_loss(const TensorView& f, const TensorView& q, DistLoss kind,
                                 const TensorView* grad_q = nullptr) {
+  if (on_cuda(f) || on_cuda(q)) {
+    require_same_device(f, "f (float output)", q, "q (quantized output)");
+    return cuda_backend_for(f, "f (float output)").channel_dist_loss(f, q, kind, grad_q, cuda_stream_slot());
+  }
   const detail::LossInputs in = detail::load_loss_inputs(f, q);
   const std::int64_t T = in.f.rows(), C = in.f.cols();
   float* g = nullptr;

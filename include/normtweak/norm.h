@@ -12,6 +12,7 @@
 // Per-row reductions are accumulated in double.
 #pragma once
 
+#include "normtweak/cuda_dispatch.h"
 #include "normtweak/tensor_view.h"
 #include "normtweak/threading.h"
 
@@ -71,6 +72,10 @@ inline void check_out(const TensorView& t, std::int64_t n, const char* name) {
 // y [T, C] and the saved per-row statistics rstd [T] and (LayerNorm) mean [T].
 inline void norm_forward(const NormSpec& spec, const TensorView& x, const TensorView& w, const TensorView* b,
                          const TensorView& y, const TensorView& rstd, const TensorView* mean) {
+  if (on_cuda(x)) {
+    cuda_backend_for(x, "x").norm_forward(spec, x, w, b, y, rstd, mean, cuda_stream_slot());
+    return;
+  }
   const detail::NormArgs a = detail::check_norm_args(spec, x, w, b);
   detail::check_out(y, a.T * a.C, "y");
   detail::check_out(rstd, a.T, "rstd");
@@ -112,6 +117,10 @@ inline void norm_forward(const NormSpec& spec, const TensorView& x, const Tensor
 inline void norm_backward(const NormSpec& spec, const TensorView& x, const TensorView& w, const TensorView& dy,
                           const TensorView& rstd, const TensorView* mean, const TensorView& dx, const TensorView& dw,
                           const TensorView* db) {
+  if (on_cuda(x)) {
+    cuda_backend_for(x, "x").norm_backward(spec, x, w, dy, rstd, mean, dx, dw, db, cuda_stream_slot());
+    return;
+  }
   const detail::NormArgs a = detail::check_norm_args(spec, x, w, nullptr);
   detail::check_out(dy, a.T * a.C, "dy");
   detail::check_out(rstd, a.T, "rstd");

@@ -60,45 +60,11 @@ struct QuantSpec {
 };
 
 // (scale, zero) for n values x[0], x[stride], ... following `spec`, including
-// the optional clipping search.
+// the optional clipping search (the arithmetic is find_params_raw(), which the
+// CUDA kernels share).
 inline QuantParams find_params(const float* x, std::int64_t n, std::int64_t stride, const QuantSpec& spec) {
-  float xmin = 0.f, xmax = 0.f;
-  for (std::int64_t i = 0; i < n; ++i) {
-    const float v = x[i * stride];
-    xmin = v < xmin ? v : xmin;
-    xmax = v > xmax ? v : xmax;
-  }
-  const int maxq = spec.maxq();
-  QuantParams best = params_from_range(xmin, xmax, maxq, spec.sym);
-  if (!spec.mse) return best;
-  // params_from_range widened the range to contain 0 and symmetrised it; the
-  // search shrinks that effective range, as the reference does.
-  float lo = xmin < 0.f ? xmin : 0.f, hi = xmax > 0.f ? xmax : 0.f;
-  if (spec.sym) {
-    const float a = -lo > hi ? -lo : hi;
-    hi = a;
-    if (lo < 0.f) lo = -a;
-  }
-  if (lo == 0.f && hi == 0.f) return best;
-  float best_err = std::numeric_limits<float>::infinity();
-  const int steps = static_cast<int>(spec.mse_maxshrink * static_cast<float>(spec.mse_grid));
-  for (int i = 0; i < steps; ++i) {
-    const float p = 1.f - static_cast<float>(i) / static_cast<float>(spec.mse_grid);
-    const float lo1 = p * lo, hi1 = p * hi;
-    QuantParams c;
-    c.scale = (hi1 - lo1) / static_cast<float>(maxq);
-    c.zero = spec.sym ? best.zero : rintf(-lo1 / c.scale);
-    float err = 0.f;
-    for (std::int64_t j = 0; j < n; ++j) {
-      const float v = x[j * stride];
-      err += std::pow(std::fabs(fake_quantize(v, c, maxq) - v), spec.mse_norm);
-    }
-    if (err < best_err) {
-      best_err = err;
-      best = c;
-    }
-  }
-  return best;
+  return find_params_raw(x, n, stride, spec.maxq(), spec.sym,
+                         spec.mse ? ClipSearch{spec.mse_norm, spec.mse_grid, spec.mse_maxshrink} : ClipSearch{});
 }
 
 }  // namespace normtweak

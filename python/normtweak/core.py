@@ -19,6 +19,11 @@ def _t(x) -> torch.Tensor:
     return torch.from_dlpack(x)
 
 
+def _stream(x: torch.Tensor) -> int:
+    """PyTorch's current stream on x's device as an integer (0 on the CPU): CUDA work queues there."""
+    return torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
+
+
 def _in(x: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -83,7 +88,8 @@ def rtn_quantize(
     name: str = "",
 ) -> QuantResult:
     """Round-to-nearest quantization of ``W [out, in]`` (float32/float16/bfloat16/float64, CPU)."""
-    d = _core.rtn_quantize(_in(W, "W"), bits=bits, group_size=group_size, sym=sym, mse=mse, name=name)
+    d = _core.rtn_quantize(_in(W, "W"), bits=bits, group_size=group_size, sym=sym, mse=mse, name=name,
+                           stream=_stream(W))
     return _result(d, bits, group_size, sym)
 
 
@@ -153,6 +159,7 @@ def gptq_quantize(
         static_groups=static_groups,
         damp_retries=damp_retries,
         name=name,
+        stream=_stream(W),
     )
     return _result(d, bits, group_size, sym)
 

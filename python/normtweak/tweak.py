@@ -14,6 +14,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from . import _core
+from .core import _stream
 
 log = logging.getLogger("normtweak")
 
@@ -72,10 +73,10 @@ class ChannelDistLossFn(torch.autograd.Function):
     def forward(ctx, q: torch.Tensor, f: torch.Tensor, kind: str = "dist") -> torch.Tensor:
         qc = q.detach().float().contiguous()
         grad = torch.empty_like(qc)
-        loss = _core.channel_dist_loss(f.detach().float().contiguous(), qc, kind, grad)
+        loss = _core.channel_dist_loss(f.detach().float().contiguous(), qc, kind, grad, stream=_stream(qc))
         ctx.save_for_backward(grad)
         ctx.q_dtype = q.dtype
-        return torch.tensor(loss, dtype=torch.float32)
+        return torch.tensor(loss, dtype=torch.float32, device=q.device)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -100,7 +101,7 @@ class NormFn(torch.autograd.Function):
         y = torch.empty_like(x2)
         rstd = torch.empty(x2.shape[0])
         mean = torch.empty(x2.shape[0]) if kind == "layer" else None
-        _core.norm_forward(kind, eps, unit_offset, x2, w, b, y, rstd, mean)
+        _core.norm_forward(kind, eps, unit_offset, x2, w, b, y, rstd, mean, stream=_stream(x2))
         ctx.save_for_backward(x2, w, rstd, *(() if mean is None else (mean,)))
         ctx.meta = (kind, eps, unit_offset, shape, dtype, bias is not None, weight.dtype)
         return y.reshape(shape).to(dtype)
@@ -114,7 +115,7 @@ class NormFn(torch.autograd.Function):
         dx = torch.empty_like(x2)
         dw = torch.empty_like(w)
         db = torch.empty_like(w) if has_bias else None
-        _core.norm_backward(kind, eps, unit_offset, x2, w, dy2, rstd, mean, dx, dw, db)
+        _core.norm_backward(kind, eps, unit_offset, x2, w, dy2, rstd, mean, dx, dw, db, stream=_stream(x2))
         return dx.reshape(shape).to(dtype), dw.to(wdtype), (db.to(wdtype) if has_bias else None), None, None, None
 
 

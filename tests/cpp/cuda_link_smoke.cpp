@@ -1,13 +1,18 @@
-// Links against normtweak::cuda (cudart included) and calls the launcher on an
-// empty problem, which returns before touching the device: proves the CUDA
-// target compiles and links on a machine without a GPU.
+// Links against normtweak::cuda (cudart, cuBLAS, cuSOLVER) and checks, without
+// a GPU, that the target registered its back-end with the core's dispatch and
+// that the launchers return before touching the device on empty problems.
+#include "backend.h"
 #include "rtn_kernel.h"
 
 #include <cstdio>
 
 int main() {
+  if (normtweak::cuda_backend_slot() == nullptr) {
+    std::printf("normtweak::cuda did not register its back-end\n");
+    return 1;
+  }
   normtweak::cuda::RtnParams p{};
   const int rc = normtweak::cuda::launch_rtn(p, nullptr);
-  std::printf("launch_rtn on an empty problem: %d\n", rc);
+  std::printf("back-end registered; launch_rtn on an empty problem: %d\n", rc);
   return rc;
 }

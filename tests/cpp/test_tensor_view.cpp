@@ -109,3 +109,20 @@ TEST_CASE("float16 and bfloat16 conversions round to nearest even", "[half]") {
     if (std::isfinite(f)) REQUIRE(float_to_f16(f) == h);
   }
 }
+
+TEST_CASE("CUDA tensors without the CUDA back-end, and mixed devices, are clear errors", "[dispatch]") {
+  // This test program does not link normtweak::cuda, so nothing is registered.
+  REQUIRE(cuda_backend_slot() == nullptr);
+  float host[64] = {};
+  const TensorView W(host, dtype::f32, {4, 16}, {}, device::cuda(0));
+  const TensorView Hc(host, dtype::f32, {16, 16}, {}, device::cpu());
+  QuantSpec spec;
+  CHECK_THROWS_WITH(Quantizer<RTN>(spec).quantize(W),
+                    Catch::Contains("W is on cuda:0, but this build of normtweak has no CUDA back-end; link "
+                                    "normtweak::cuda"));
+  CHECK_THROWS_WITH(Quantizer<GPTQ>(spec).quantize(W, Hc), Catch::Contains("W is on cuda:0 but H is on cpu"));
+  const TensorView f(host, dtype::f32, {4, 16}, {}, device::cuda(1));
+  const TensorView q(host, dtype::f32, {4, 16}, {}, device::cuda(0));
+  CHECK_THROWS_WITH(channel_dist_loss(f, q, DistLoss::dist),
+                    Catch::Contains("f (float output) is on cuda:1 but q (quantized output) is on cuda:0"));
+}

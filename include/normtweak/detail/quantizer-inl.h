@@ -5,6 +5,7 @@
 
 #include "normtweak/detail/convert.h"
 #include "normtweak/detail/linalg.h"
+#include "normtweak/cuda_dispatch.h"
 #include "normtweak/gptq.h"
 #include "normtweak/log.h"
 #include "normtweak/rtn.h"
@@ -44,6 +45,7 @@ inline void init_result(QuantResult& res, const QuantSpec& spec, std::int64_t m,
 
 inline QuantResult quantize_impl(RTN, const QuantSpec& spec, const RTN::config& cfg, const TensorView& Wv,
                                  const TensorView&) {
+  if (on_cuda(Wv)) return cuda_backend_for(Wv, "W").rtn(spec, cfg.layer_name, Wv, cuda_stream_slot());
   QuantResult res;
   res.Q = load_weights(Wv, cfg.layer_name);
   const std::int64_t m = res.Q.rows(), n = res.Q.cols();
@@ -246,6 +248,11 @@ inline void gptq_block_tile(const QuantSpec& spec, const GPTQ::config& cfg, cons
 
 inline QuantResult quantize_impl(GPTQ, const QuantSpec& spec, const GPTQ::config& cfg, const TensorView& Wv,
                                  const TensorView& Hv) {
+  if (on_cuda(Wv) || (Hv.data() && on_cuda(Hv))) {
+    require_same_device(Wv, "W", Hv, "H");
+    return cuda_backend_for(Wv, "W").gptq(spec, cfg.blocksize, cfg.percdamp, cfg.act_order, cfg.static_groups,
+                                          cfg.damp_retries, cfg.layer_name, Wv, Hv, cuda_stream_slot());
+  }
   RowMatrix<float> W = load_weights(Wv, cfg.layer_name);
   const std::int64_t m = W.rows(), n = W.cols();
   spec.validate_for(n);
