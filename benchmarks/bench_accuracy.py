@@ -114,7 +114,7 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def render(store: dict, args) -> str:
+def render(store: dict, args, wanted: list[str]) -> str:
     s = store["settings"]
     tasks = [t for t in s["mc_tasks"].split(",") if t]
     rows = store["rows"]
@@ -159,7 +159,7 @@ def render(store: dict, args) -> str:
         cells = list(label(name)) + [f"{r['lambada_acc']:.4f}", f"{r['lambada_ppl']:.2f}", f"{r['ppl']:.2f}"]
         cells += [f"{r[t]:.4f}" for t in tasks] + [f"{r['quantize_s']:.0f}", f"{r['peak_rss_gib']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    missing = [r for r in MAIN_ROWS + ABLATION_ROWS if r not in rows]
+    missing = [r for r in wanted if r not in rows]
     if missing:
         lines += ["", f"Not yet measured with these settings: {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
@@ -223,9 +223,9 @@ def main() -> None:
         store["rows"][name] = json.loads(row_out.read_text())
         row_out.unlink()
         write_atomic(store_path, json.dumps(store, indent=1))
-        write_atomic(Path(args.out), render(store, args))
+        write_atomic(Path(args.out), render(store, args, wanted))
         print(json.dumps(store["rows"][name]), flush=True)
-    print(render(store, args))
+    print(render(store, args, wanted))
 
 
 if __name__ == "__main__":

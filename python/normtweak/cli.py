@@ -21,6 +21,9 @@ def _add_tweak_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tweak-scale", type=float, default=5.0, help="lr_i = lr0 * (1 + scale * i / L)")
     p.add_argument("--tweak-passes", type=int, default=1, help="passes over the calibration set")
     p.add_argument("--loss", choices=("dist", "mse", "kl"), default="dist")
+    p.add_argument("--tweak-order", choices=("walk", "after"), default="walk",
+                   help="walk: tweak each block right after quantizing it (paper, Algorithm 1); after: quantize "
+                        "all blocks first, then tweak (keeps a float copy of the model; see docs/findings.md)")
     p.add_argument("--tweak-holdout", type=float, default=0.0,
                    help="fraction of calibration samples that only judge each block's tweak (rollback decision); "
                         "with a learning-rate search, the fraction held out to judge each lr0 (default 1/8)")
@@ -60,7 +63,7 @@ def _tweak_config(args):
 
     lr, grid = _parse_lr(args.tweak_lr)
     return TweakConfig(lr=lr, scale=args.tweak_scale, passes=args.tweak_passes, loss=args.loss,
-                       holdout=args.tweak_holdout, lr_grid=grid)
+                       holdout=args.tweak_holdout, lr_grid=grid, order=getattr(args, "tweak_order", "walk"))
 
 
 def _summary(report, out: Path, seconds: float) -> None:
@@ -112,10 +115,10 @@ def cmd_quantize(args) -> int:
     tweak = _tweak_config(args) if args.tweak else None
     calib = _calibration(args, model, tok)
     out = Path(args.out)
-    searching = tweak is not None and bool(tweak.lr_grid)
+    searching = tweak is not None and (bool(tweak.lr_grid) or tweak.order == "after")
     if args.resume and (searching or args.no_checkpoint):
-        raise ValueError("--resume needs per-block checkpoints, which --no-checkpoint and the learning-rate "
-                         "search (--tweak-lr auto or a list) turn off")
+        raise ValueError("--resume needs per-block checkpoints, which --no-checkpoint, --tweak-order after and the "
+                         "learning-rate search (--tweak-lr auto or a list) turn off")
     ckpt = None if searching or args.no_checkpoint else export.staging_dir(out) / export.RESUME
     report = quantize(model, calib, cfg, tweak, checkpoint=ckpt, resume=args.resume)
     # Only what the run determines goes into the checkpoint (no timings), so that the same command with
@@ -204,7 +207,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="normtweak", description="Low-bit quantization with Norm Tweaking")
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch and normtweak")
@@ -251,8 +254,11 @@ def main(argv=None) -> int:
     e.add_argument("--limit", type=int, default=None, help="first N passages (lambada), questions (multiple choice) or windows (ppl)")
     e.add_argument("--json")
     e.set_defaults(fn=cmd_eval)
+    return ap
 
-    args = ap.parse_args(argv)
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)

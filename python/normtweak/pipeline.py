@@ -225,6 +225,11 @@ def quantize(
     """
     from tqdm.auto import tqdm
 
+    if tweak is not None and tweak.order == "after" and float_model is None and not tweak.lr_grid:
+        if checkpoint is not None:
+            raise ValueError("per-block checkpoints (--resume) cover the in-walk order only; use --tweak-order "
+                             "walk or --no-checkpoint")
+        return _quantize_then_tweak(model, calib, config, tweak, progress)
     if tweak is not None and tweak.lr_grid:
         if checkpoint is not None:
             raise ValueError("per-block checkpoints (--resume) do not cover the learning-rate search; give one "
@@ -303,6 +308,26 @@ def quantize(
         blocks=[asdict(s) for s in stats],
         seconds=time.perf_counter() - t_start,
         layers_quantized=0 if float_model is not None else L * sum(len(g) for g in adapter.groups),
+    )
+
+
+def _quantize_then_tweak(model, calib, config: GPTQConfig, tweak: TweakConfig, progress: bool):
+    """tweak.order == "after": quantize every block, then one post-step tweak walk against a float copy."""
+    t0 = time.perf_counter()
+    log.info("tweak order 'after': keeping a float copy of the model for the tweak targets")
+    ref = copy.deepcopy(model)
+    qrep = quantize(model, calib, config, None, progress=progress)
+    trep = quantize(model, calib, config, tweak, progress=progress, float_model=ref)
+    del ref
+    for b, q in zip(trep.blocks, qrep.blocks):
+        b["fallbacks"] = q["fallbacks"]
+        b["delta_mu_before_tweak"], b["delta_var_before_tweak"] = q["delta_mu_before_tweak"], q["delta_var_before_tweak"]
+    return QuantizeReport(
+        config=asdict(config),
+        tweak=asdict(tweak),
+        blocks=trep.blocks,
+        seconds=time.perf_counter() - t0,
+        layers_quantized=qrep.layers_quantized,
     )
 
 

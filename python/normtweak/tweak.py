@@ -37,6 +37,12 @@ class TweakConfig:
         one whose tweak gives the lowest KL(float || quantized) on held-out
         calibration samples wins (see search.py). Costs one tweak walk per value
         and, inside `quantize`, a float copy of the model while it runs.
+    order: "walk" (the paper's Algorithm 1: block l is quantized, then tweaked,
+        and block l+1's GPTQ sees the tweaked output) or "after" (quantize every
+        block first, then one tweak walk over the finished weights, as the
+        post-step `tweak` does; keeps a float copy of the model while it runs).
+        On SmolLM2-135M at W3 g128 "after" kept GPTQ's LAMBADA accuracy where
+        "walk" lost 1.4 points (docs/findings.md).
     """
 
     lr: float = 1e-5
@@ -47,8 +53,11 @@ class TweakConfig:
     rollback: bool = True
     holdout: float = 0.0
     lr_grid: tuple = ()
+    order: str = "walk"
 
     def __post_init__(self) -> None:
+        if self.order not in ("walk", "after"):
+            raise ValueError(f"tweak order={self.order!r} is not 'walk' or 'after' (--tweak-order)")
         self.lr_grid = tuple(float(v) for v in self.lr_grid)
         if any(not v > 0 for v in self.lr_grid):
             raise ValueError(f"lr_grid={list(self.lr_grid)} holds a non-positive learning rate (--tweak-lr)")

@@ -111,6 +111,8 @@ def test_tweak_lr_option_takes_a_value_a_list_or_auto():
     assert cli._parse_lr("auto") == (DEFAULT_GRID[0], DEFAULT_GRID)
     with pytest.raises(ValueError, match="'fast' is not a number"):
         cli._parse_lr("fast")
+    args = cli.build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--tweak", "--tweak-order", "after"])
+    assert cli._tweak_config(args).order == "after"
 
 
 def test_cli_smoothquant_w8a8_with_tweak(tiny_model_dir, tmp_path, capsys):

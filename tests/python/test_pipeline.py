@@ -1,6 +1,8 @@
 """The block walker on tiny random models of every supported architecture,
 export/reload and post-step round trips, and errors."""
 
+import copy
+
 import pytest
 import torch
 import transformers as tf
@@ -194,3 +196,26 @@ def test_learning_rate_search_keeps_the_best_on_held_out_samples():
         nt.TweakConfig(lr_grid=(1e-3, 0.0))
     with pytest.raises(ValueError, match="too few"):
         nt.tweak(ref, model, ids[:1], nt.TweakConfig(lr_grid=(1e-3,)), progress=False)
+
+
+def test_tweak_order_after_is_quantize_then_post_step():
+    model = tiny("llama")
+    ids = calib()
+    cfg = nt.GPTQConfig(bits=3, group_size=32)
+    tweak = nt.TweakConfig(lr=1e-3, order="after")
+    a = copy.deepcopy(model)
+    rep = nt.pipeline.quantize(a, ids, cfg, tweak, progress=False)
+    b, ref = copy.deepcopy(model), copy.deepcopy(model)
+    nt.pipeline.quantize(b, ids, cfg, None, progress=False)
+    nt.tweak(ref, b, ids, nt.TweakConfig(lr=1e-3), progress=False)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert rep.tweak["order"] == "after" and rep.layers_quantized > 0
+    assert all(blk["tweak"] is not None for blk in rep.blocks)
+    walk = copy.deepcopy(model)
+    nt.pipeline.quantize(walk, ids, cfg, nt.TweakConfig(lr=1e-3), progress=False)
+    assert any(not torch.equal(x, y) for x, y in zip(walk.state_dict().values(), a.state_dict().values()))
+    with pytest.raises(ValueError, match="cover the in-walk order only"):
+        nt.pipeline.quantize(copy.deepcopy(model), ids, cfg, tweak, progress=False, checkpoint="/nonexistent")
+    with pytest.raises(ValueError, match="order='later' is not 'walk' or 'after'"):
+        nt.TweakConfig(order="later")
