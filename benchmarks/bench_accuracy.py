@@ -125,7 +125,7 @@ def render(store: dict, args, wanted: list[str]) -> str:
         "# Accuracy on SmolLM2-135M-Instruct",
         "",
         f"Written {datetime.date.today()} by `benchmarks/bench_accuracy.py` on 2 CPU cores "
-        f"(rows stored in `docs/results.json`). Calibration: {s['calib']}, {s['nsamples']} x {s['seqlen']} tokens. "
+        f"(rows stored in `docs/{Path(args.store).name}`). Calibration: {s['calib']}, {s['nsamples']} x {s['seqlen']} tokens. "
         f"GPTQ and RTN: {'symmetric' if s['sym'] else 'asymmetric'} grid"
         f"{', GPTQ with act-order' if s['act_order'] else ''}. Norm Tweaking (NT): lr0 = {s['tweak_lr']}, "
         f"scale {s['tweak_scale']}, one pass, batch 1, dist loss unless the row says otherwise. "
