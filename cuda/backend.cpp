@@ -145,6 +145,7 @@ QuantResult rtn_quantize(const QuantSpec& spec, const std::string& layer, const 
   std::unique_ptr<DeviceBuffer<float>> Wbuf;
   dense_copy(Wv, "W", s, Wbuf);
   const std::int64_t m = Wv.size(0), n = Wv.size(1), G = spec.num_groups(n);
+  NT_CHECK(m > 0 && n > 0, "W of layer '{}' has an empty shape {}", detail::layer_label(layer), Wv.shape_str());
   spec.validate_for(n);
   QuantResult res;
   detail::init_result(res, spec, m, n, RTN::name);
@@ -170,7 +171,6 @@ QuantResult rtn_quantize(const QuantSpec& spec, const std::string& layer, const 
   to_host(res.zeros.data(), zeros.get(), m * G, s);
   NT_CU(cudaStreamSynchronize(s));
   res.loss = (W - res.Q).cast<double>().squaredNorm();
-  (void)layer;
   return res;
 }
 

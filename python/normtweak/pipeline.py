@@ -311,6 +311,13 @@ def quantize(
     )
 
 
+def _take_quantization_stats(tweak_blocks: list[dict], quant_blocks: list[dict]) -> None:
+    """A post-step tweak walk's block reports take the quantizing walk's fallbacks and pre-tweak gaps."""
+    for b, q in zip(tweak_blocks, quant_blocks, strict=True):
+        b["fallbacks"] = q["fallbacks"]
+        b["delta_mu_before_tweak"], b["delta_var_before_tweak"] = q["delta_mu_before_tweak"], q["delta_var_before_tweak"]
+
+
 def _quantize_then_tweak(model, calib, config: GPTQConfig, tweak: TweakConfig, progress: bool):
     """tweak.order == "after": quantize every block, then one post-step tweak walk against a float copy."""
     t0 = time.perf_counter()
@@ -319,9 +326,7 @@ def _quantize_then_tweak(model, calib, config: GPTQConfig, tweak: TweakConfig, p
     qrep = quantize(model, calib, config, None, progress=progress)
     trep = quantize(model, calib, config, tweak, progress=progress, float_model=ref)
     del ref
-    for b, q in zip(trep.blocks, qrep.blocks):
-        b["fallbacks"] = q["fallbacks"]
-        b["delta_mu_before_tweak"], b["delta_var_before_tweak"] = q["delta_mu_before_tweak"], q["delta_var_before_tweak"]
+    _take_quantization_stats(trep.blocks, qrep.blocks)
     return QuantizeReport(
         config=asdict(config),
         tweak=asdict(tweak),
@@ -355,9 +360,7 @@ def _quantize_with_lr_search(model, calib, config: GPTQConfig, tweak: TweakConfi
     del ref
     blocks_ = trep.blocks
     if qrep is not None:
-        for b, q in zip(blocks_, qrep.blocks):
-            b["fallbacks"] = q["fallbacks"]
-            b["delta_mu_before_tweak"], b["delta_var_before_tweak"] = q["delta_mu_before_tweak"], q["delta_var_before_tweak"]
+        _take_quantization_stats(blocks_, qrep.blocks)
     return QuantizeReport(
         config=asdict(config),
         tweak={**asdict(tweak), "lr": search.lr},

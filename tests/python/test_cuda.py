@@ -18,10 +18,6 @@ needs_gpu = pytest.mark.skipif(
 )
 
 
-def test_the_cpu_build_says_whether_it_has_cuda():
-    assert isinstance(_core.has_cuda(), bool)
-
-
 @needs_gpu
 def test_gptq_and_rtn_on_cuda_match_the_cpu():
     W = realistic_weights(128, 256, seed=1)
