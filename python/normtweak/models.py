@@ -35,6 +35,10 @@ class Adapter:
     norm_kind: str  # "rms" or "layer"
     unit_offset: bool = False  # Gemma's RMSNorm scales by (1 + w)
     conv1d: bool = False  # GPT-2 stores Linear weights transposed (Conv1D)
+    # (producer, consumer) Linear pairs where each producer output channel reaches the consumer's input scaled by a
+    # positive factor only (attention values -> output projection; a gated MLP's up -> down projection), so SmoothQuant
+    # can fold 1/s into the producer's output rows. A consumer wider than its producer reads grouped heads (GQA).
+    linear_pairs: tuple[tuple[str, str], ...] = ()
 
 
 _LLAMA = Adapter(
@@ -47,6 +51,7 @@ _LLAMA = Adapter(
         ("mlp.down_proj",),
     ),
     norm_kind="rms",
+    linear_pairs=(("self_attn.v_proj", "self_attn.o_proj"), ("mlp.up_proj", "mlp.down_proj")),
 )
 
 ADAPTERS: dict[str, Adapter] = {
@@ -64,6 +69,7 @@ ADAPTERS: dict[str, Adapter] = {
             ("fc2",),
         ),
         norm_kind="layer",
+        linear_pairs=(("self_attn.v_proj", "self_attn.out_proj"),),
     ),
     "gpt2": Adapter(
         layers="transformer.h",

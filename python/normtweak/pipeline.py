@@ -32,7 +32,8 @@ class GPTQConfig:
     """Quantization settings.
 
     method: "gptq", "rtn", or "smoothquant" (smooth each block's norm -> Linear
-        pairs, then quantize the weights with `weight_method`).
+        pairs and, where the architecture allows, its v_proj -> o_proj and
+        up_proj -> down_proj pairs, then quantize the weights with `weight_method`).
     abits: activation bits, simulated per token (dynamic, symmetric) on the
         input of every quantized Linear; 16 keeps activations in float.
     alpha: SmoothQuant's migration strength in [0, 1]; None searches it per

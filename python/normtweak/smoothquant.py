@@ -7,7 +7,11 @@ input norm before the MLP's input projections) are smoothed: the per-channel
 maxima of the norm's output are gathered over the calibration tokens (in C++,
 `ActAbsMax`), the factors s = max|X|^alpha / max|W|^(1 - alpha) (paper eq. 4)
 computed over all Linear layers that read that output, and 1/s folded into the
-norm's weight and bias while the Linear weights take s. The float block is
+norm's weight and bias while the Linear weights take s. Where there is no norm
+in front of a Linear layer, the previous Linear layer takes 1/s on its output
+rows instead (the adapter's `linear_pairs`: attention values -> output
+projection, whose factors are shared by the query heads of a key/value group;
+a gated MLP's up -> down projection). The float block is
 unchanged by this (up to float rounding); only its quantization sees flatter
 activations. alpha is fixed or searched per pair over a small grid, by the
 output error of the pair's Linear layers on the calibration tokens with their
@@ -23,7 +27,8 @@ the norms through it.
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -99,19 +104,79 @@ def _pair_error(X: torch.Tensor, Ws: Sequence[torch.Tensor], s: torch.Tensor, wb
     return err
 
 
+def fold_into_linear_outputs(module: torch.nn.Module, s: torch.Tensor, adapter: Adapter) -> None:
+    """Divide a Linear's output channels by s (weight rows and bias)."""
+    W = linear_weight(module, adapter).double()
+    set_linear_weight(module, (W / s.double()[:, None]).float(), adapter)
+    if getattr(module, "bias", None) is not None:
+        with torch.no_grad():
+            module.bias.copy_((module.bias.double() / s.double()).to(module.bias.dtype))
+
+
+@dataclass
+class _Pair:
+    """One smoothing site: the channels `fold` divides by s reach the `consumers`' inputs.
+
+    A consumer input may be `group` channels wide per smoothed channel (grouped-query attention: the output
+    projection reads each key/value head's channels once per query head sharing it); channel (h, c) of the
+    consumer, with heads of `head_dim` channels, reads smoothed channel (h // group, c)."""
+
+    name: str
+    consumers: tuple[str, ...]
+    fold: Callable[[torch.Tensor], None]
+    group: int = 1
+    head_dim: int = 1
+
+    def reduce(self, v: torch.Tensor) -> torch.Tensor:
+        """A per-consumer-channel maximum -> per smoothed channel."""
+        if self.group == 1:
+            return v
+        return v.view(-1, self.group, self.head_dim).amax(1).reshape(-1)
+
+    def expand(self, s: torch.Tensor) -> torch.Tensor:
+        """Per smoothed channel -> per consumer input channel."""
+        if self.group == 1:
+            return s
+        kv = s.numel() // self.head_dim
+        return s.view(kv, 1, self.head_dim).expand(kv, self.group, self.head_dim).reshape(-1)
+
+    def weight_views(self, W: torch.Tensor) -> list[torch.Tensor]:
+        """A consumer weight [out, group * C] as `group` matrices [out, C] over the smoothed channels."""
+        if self.group == 1:
+            return [W]
+        V = W.view(W.shape[0], -1, self.group, self.head_dim)
+        return [V[:, :, i, :].reshape(W.shape[0], -1) for i in range(self.group)]
+
+
+def smoothing_pairs(block: torch.nn.Module, adapter: Adapter, norms: Sequence[NormInfo]) -> list[_Pair]:
+    """The block's smoothing sites: its two norm -> Linear pairs, then the adapter's Linear -> Linear pairs."""
+    pairs = [_Pair(norm.name, names, lambda s, _n=norm: fold_into_norm(_n, s))
+             for norm, names in ((norms[0], adapter.groups[0]), (norms[1], adapter.groups[2]))]
+    for producer, consumer in adapter.linear_pairs:
+        p, c = get_module(block, producer), get_module(block, consumer)
+        n_out, n_in = linear_weight(p, adapter).shape[0], linear_weight(c, adapter).shape[1]
+        head_dim = getattr(get_module(block, producer.rpartition(".")[0]), "head_dim", None) or 1
+        if n_in % n_out or (n_in != n_out and n_out % head_dim):
+            raise ValueError(f"cannot smooth {producer} -> {consumer}: {n_out} output channels do not map onto "
+                             f"{n_in} input channels in heads of {head_dim} (the adapter's linear_pairs)")
+        pairs.append(_Pair(f"{producer}->{consumer}", (consumer,),
+                           lambda s, _p=p: fold_into_linear_outputs(_p, s, adapter), n_in // n_out, head_dim))
+    return pairs
+
+
 @torch.no_grad()
 def smooth_block(block: torch.nn.Module, adapter: Adapter, norms: Sequence[NormInfo], inputs, kwargs, *,
                  alpha: Optional[float], wbits: int, group_size: int, sym: bool, abits: int,
                  prefix: str, max_tokens: int = 4096) -> list[dict]:
-    """Smooth the block's two (norm -> Linear layers) pairs in place; returns [{"pair", "alpha", "max_before",
-    "max_after"}] per pair. alpha None searches ALPHA_GRID per pair (needs the pair's inputs: at most
-    `max_tokens` calibration tokens are kept for that)."""
+    """Smooth the block's (norm -> Linear layers) and (Linear -> Linear) pairs in place; returns [{"pair",
+    "alpha", "max_before", "max_after"}] per pair. alpha None searches ALPHA_GRID per pair (needs the pair's
+    inputs: at most `max_tokens` calibration tokens are kept for that)."""
     from .tweak import _first
 
-    pairs = [(norms[0], adapter.groups[0]), (norms[1], adapter.groups[2])]
+    pairs = smoothing_pairs(block, adapter, norms)
     accs, kept, hooks = [], [], []
-    for _, names in pairs:
-        first = get_module(block, names[0])
+    for pair in pairs:
+        first = get_module(block, pair.consumers[0])
         acc = core.ActAbsMax(linear_weight(first, adapter).shape[1])
         store: list[torch.Tensor] = []
 
@@ -131,21 +196,25 @@ def smooth_block(block: torch.nn.Module, adapter: Adapter, norms: Sequence[NormI
         for h in hooks:
             h.remove()
     report = []
-    for (norm, names), acc, store in zip(pairs, accs, kept):
-        mods = [get_module(block, n) for n in names]
+    for pair, acc, store in zip(pairs, accs, kept):
+        mods = [get_module(block, n) for n in pair.consumers]
         Ws = [linear_weight(m, adapter).float() for m in mods]
+        views = [v for W in Ws for v in pair.weight_views(W)]
         amax = acc.absmax()
+
+        def factors(a: float) -> torch.Tensor:
+            return core.smooth_factors(pair.reduce(amax), views, a)
+
         if alpha is None:
             X = torch.cat(store)[:max_tokens]
-            errs = {a: _pair_error(X, Ws, core.smooth_factors(amax, Ws, a), wbits, group_size, sym, abits)
-                    for a in ALPHA_GRID}
+            errs = {a: _pair_error(X, Ws, pair.expand(factors(a)), wbits, group_size, sym, abits) for a in ALPHA_GRID}
             a = min(errs, key=errs.get)
         else:
             a = alpha
-        s = core.smooth_factors(amax, Ws, a)
-        fold_into_norm(norm, s)
+        s = factors(a)
+        pair.fold(s)
         for m in mods:
-            scale_inputs(m, s, adapter)
-        report.append({"pair": f"{prefix}.{norm.name}", "alpha": a, "max_before": amax.max().item(),
-                       "max_after": (amax / s).max().item()})
+            scale_inputs(m, pair.expand(s), adapter)
+        report.append({"pair": f"{prefix}.{pair.name}", "alpha": a, "max_before": amax.max().item(),
+                       "max_after": (amax / pair.expand(s)).max().item()})
     return report

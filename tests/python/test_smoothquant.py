@@ -68,7 +68,36 @@ def test_smoothing_leaves_the_float_model_unchanged(arch):
     with torch.no_grad():
         after = model(input_ids=ids).logits
     assert rel(after, before) < SMOOTH_REL
-    assert len(moved) == 2 * len(blocks(model)) and sum(moved) >= len(moved) // 2
+    assert len(moved) == (2 + len(adapter.linear_pairs)) * len(blocks(model)) and sum(moved) >= len(moved) // 2
+
+
+def test_linear_pairs_share_factors_across_grouped_query_heads():
+    """v_proj -> o_proj under GQA (4 query heads, 2 key/value heads) and up -> down: each consumer input channel is
+    scaled by the factor of the producer channel it reads, and the block's output does not move."""
+    model = tiny("llama")
+    adapter = get_adapter(model)
+    block = blocks(model)[0]
+    inputs, kwargs = capture_block_inputs(model, calib(n=4, seqlen=16))
+    v0, o0 = (get_module(block, n).weight.detach().clone() for n in ("self_attn.v_proj", "self_attn.o_proj"))
+    with torch.no_grad():
+        ref = [_first(block(x, **kwargs)) for x in inputs]
+    rep = smooth_block(block, adapter, block_norms(block, adapter), inputs, kwargs, alpha=0.5, wbits=8,
+                       group_size=-1, sym=True, abits=16, prefix="b0")
+    assert [r["pair"] for r in rep][2:] == ["b0.self_attn.v_proj->self_attn.o_proj", "b0.mlp.up_proj->mlp.down_proj"]
+    v1, o1 = (get_module(block, n).weight.detach() for n in ("self_attn.v_proj", "self_attn.o_proj"))
+    kv_channels, d = v1.shape[0], block.self_attn.head_dim
+    group = o1.shape[1] // kv_channels
+    assert group == 2
+    s_o = (o1 / o0)[0].double()  # o_proj column j was multiplied by the factor of the v channel it reads
+    assert rel(s_o.view(-1, group, d), s_o.view(-1, group, d)[:, :1].expand(-1, group, d)) < 1e-6
+    # v_proj = v0 diag(s_norm) / s_v[:, None]: column 0 gives s_v up to the constant s_norm[0].
+    s_v = (v0[:, 0] / v1[:, 0]).double()
+    shared = s_o.view(-1, group, d)[:, 0].reshape(-1)
+    assert rel(shared / shared[0], s_v / s_v[0]) < 1e-5
+    assert (s_o - 1).abs().max() > 1e-2  # the factors are not all one
+    with torch.no_grad():
+        out = [_first(block(x, **kwargs)) for x in inputs]
+    assert max(rel(a, b) for a, b in zip(out, ref)) < SMOOTH_REL
 
 
 def test_w8a8_is_close_to_float_and_the_tweak_sees_activation_quantization(tmp_path):
@@ -76,7 +105,7 @@ def test_w8a8_is_close_to_float_and_the_tweak_sees_activation_quantization(tmp_p
     ids = calib()
     cfg = nt.GPTQConfig(method="smoothquant", bits=8, group_size=-1, abits=8)
     rep = nt.pipeline.quantize(model, ids, cfg, nt.TweakConfig(lr=1e-3), progress=False)
-    assert all(len(b["smoothing"]) == 2 for b in rep.blocks)
+    assert all(len(b["smoothing"]) == 4 for b in rep.blocks)  # 2 norm pairs, v -> o, up -> down
     x = calib(2, seed=9)
     with torch.no_grad():
         f, q = ref(input_ids=x).logits, model(input_ids=x).logits
@@ -114,7 +143,7 @@ def test_alpha_search_and_gptq_weights_under_smoothing():
     cfg = nt.GPTQConfig(method="smoothquant", bits=4, group_size=32, abits=8, alpha=None, weight_method="gptq")
     rep = nt.pipeline.quantize(model, ids, cfg, None, progress=False)
     alphas = [p["alpha"] for b in rep.blocks for p in b["smoothing"]]
-    assert len(alphas) == 4 and set(alphas) <= set(ALPHA_GRID)
+    assert len(alphas) == 3 * len(rep.blocks) and set(alphas) <= set(ALPHA_GRID)  # 2 norm pairs + v -> out_proj
     assert all(m._normtweak_quant.method == "gptq" for m in model.modules() if hasattr(m, "_normtweak_quant"))
 
 
