@@ -42,7 +42,10 @@ SMOOTHQUANT_ROWS = ["sq-w8a8", "sq-w8a8-nt", "sq-w4a8", "sqgptq-w4a8", "sq-w4a8-
 
 
 def parse_row(name: str) -> dict:
-    """"gptq-w3g128-nt-passes=2" -> {"method": "gptq", "bits": 3, "group_size": 128, "tweak": {"passes": 2}}."""
+    """"gptq-w3g128-nt-passes=2" -> {"method": "gptq", "bits": 3, "group_size": 128, "tweak": {"passes": 2}}.
+
+    The tweak keys are TweakConfig's: lr, scale, passes, loss, order (walk: inside the walk, Algorithm 1; after:
+    a post-step on the finished quantized weights)."""
     if name == "float":
         return {"method": "float"}
     parts = name.split("-")
@@ -60,7 +63,7 @@ def parse_row(name: str) -> dict:
         row["tweak"] = {}
         for kv in parts[3:]:
             k, _, v = kv.partition("=")
-            row["tweak"][k] = v if k == "loss" else (int(v) if k == "passes" else float(v))
+            row["tweak"][k] = v if k in ("loss", "order") else (int(v) if k == "passes" else float(v))
     return row
 
 
@@ -225,6 +228,7 @@ def main() -> None:
         write_atomic(store_path, json.dumps(store, indent=1))
         write_atomic(Path(args.out), render(store, args, wanted))
         print(json.dumps(store["rows"][name]), flush=True)
+    write_atomic(Path(args.out), render(store, args, wanted))
     print(render(store, args, wanted))
 
 

@@ -74,10 +74,13 @@ class BlockCheckpoint:
     def save_block(self, index: int, block: torch.nn.Module, stats: dict, next_inputs: list[torch.Tensor]) -> None:
         quant = {name: mod._normtweak_quant for name, mod in block.named_modules()
                  if getattr(mod, "_normtweak_quant", None) is not None}
-        _save({"state": block.state_dict(), "quant": quant, "stats": stats}, self.folder / f"block_{index:04d}.pt")
+        acts = {name: (mod._normtweak_abits, mod._normtweak_act_scale) for name, mod in block.named_modules()
+                if getattr(mod, "_normtweak_abits", 16) < 16}
+        _save({"state": block.state_dict(), "quant": quant, "acts": acts, "stats": stats},
+              self.folder / f"block_{index:04d}.pt")
         _save({"next": index + 1, "inputs": next_inputs}, self.folder / "inputs.pt")
 
-    def restore(self, layers, abits: int) -> tuple[int, Optional[list[torch.Tensor]], list[dict]]:
+    def restore(self, layers) -> tuple[int, Optional[list[torch.Tensor]], list[dict]]:
         """Load the completed blocks into `layers`; (first block to run, its inputs, the restored stats)."""
         path = self.folder / "inputs.pt"
         if not path.exists():
@@ -90,10 +93,10 @@ class BlockCheckpoint:
             layers[i].load_state_dict(blk["state"])
             for name, r in blk["quant"].items():
                 layers[i].get_submodule(name)._normtweak_quant = r
-                if abits < 16:
-                    from .smoothquant import attach_act_quant
+            for name, (bits, scale) in blk.get("acts", {}).items():
+                from .smoothquant import attach_act_quant
 
-                    attach_act_quant(layers[i].get_submodule(name), abits)
+                attach_act_quant(layers[i].get_submodule(name), bits, scale)
             stats.append(blk["stats"])
         log.warning("resuming from %s: blocks 0..%d restored", self.folder, start - 1)
         return start, saved["inputs"], stats

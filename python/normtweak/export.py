@@ -60,6 +60,21 @@ def _act_bits(model) -> dict[str, int]:
             if getattr(mod, "_normtweak_abits", 16) < 16}
 
 
+def _act_config(model, abits: dict[str, int]) -> dict:
+    """quantization_config["activations"]: bits, scheme, the modules, and the static scales if any."""
+    scales = {name: model.get_submodule(name)._normtweak_act_scale for name in abits}
+    static = any(v is not None for v in scales.values())
+    if static and any(v is None for v in scales.values()):
+        raise ValueError("the model mixes static and dynamic activation scales; quantize it with or without "
+                         "--act-static throughout")
+    acts = {"bits": sorted(set(abits.values()))[0],
+            "scheme": "per-tensor static symmetric" if static else "per-token dynamic symmetric",
+            "dynamic": not static, "modules": sorted(abits)}
+    if static:
+        acts["scales"] = {name: scales[name] for name in sorted(abits)}
+    return acts
+
+
 def save_fake(model, tokenizer, out: str | Path, extra: Optional[dict] = None) -> Path:
     out, tmp = _atomic_dir(out)
     model.save_pretrained(tmp)
@@ -74,9 +89,7 @@ def save_fake(model, tokenizer, out: str | Path, extra: Optional[dict] = None) -
             "quant_method": "normtweak-fake",
             "weights": None if r0 is None else {"bits": r0.bits, "group_size": r0.group_size, "sym": r0.sym,
                                                  "method": r0.method},
-            "activations": None if not abits else {
-                "bits": sorted(set(abits.values()))[0], "scheme": "per-token dynamic symmetric",
-                "modules": sorted(abits)},
+            "activations": None if not abits else _act_config(model, abits),
         }
     if extra:
         cfg["normtweak"] = extra
@@ -171,8 +184,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype = torch.float32):
         if acts:
             from .smoothquant import attach_act_quant
 
+            scales = acts.get("scales") or {}
             for name in acts["modules"]:
-                attach_act_quant(model.get_submodule(name), int(acts["bits"]))
+                attach_act_quant(model.get_submodule(name), int(acts["bits"]), scales.get(name))
         return model.eval(), tok, {}
     if qcfg.get("quant_method") != "gptq" or qcfg.get("checkpoint_format", "gptq") != "gptq":
         raise ValueError(f"{path}: quantization_config {qcfg} is not a gptq-format checkpoint")

@@ -36,6 +36,9 @@ class GPTQConfig:
         up_proj -> down_proj pairs, then quantize the weights with `weight_method`).
     abits: activation bits, simulated per token (dynamic, symmetric) on the
         input of every quantized Linear; 16 keeps activations in float.
+    act_static: one static per-tensor activation scale per Linear, from the
+        maximum |x| of its input over the calibration tokens (after the block's
+        weights are quantized), instead of dynamic per-token scales.
     alpha: SmoothQuant's migration strength in [0, 1]; None searches it per
         pair over smoothquant.ALPHA_GRID by the pair's output error.
     weight_method: the weight quantizer under SmoothQuant, "rtn" or "gptq"
@@ -54,6 +57,7 @@ class GPTQConfig:
     abits: int = 16
     alpha: Optional[float] = 0.5
     weight_method: str = "rtn"
+    act_static: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in ("gptq", "rtn", "smoothquant"):
@@ -62,6 +66,9 @@ class GPTQConfig:
             raise ValueError(f"weight_method={self.weight_method!r} is not 'gptq' or 'rtn' (--weight-method)")
         if self.abits != 16 and not 4 <= self.abits <= 8:
             raise ValueError(f"abits={self.abits} is not supported; choose 4..8, or 16 for float activations (--abits)")
+        if self.act_static and self.abits >= 16:
+            raise ValueError("act_static=True sets static activation scales, but abits=16 keeps activations in "
+                             "float; add --abits 8 (or 4) or drop --act-static")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"SmoothQuant alpha={self.alpha} must lie in [0, 1] (--alpha)")
         if not 2 <= self.bits <= 8:
@@ -255,7 +262,7 @@ def quantize(
         ckpt = BlockCheckpoint(checkpoint, fingerprint(model, calib, config, tweak))
         ckpt.start(resume)
         if resume:
-            start, restored_inputs, restored = ckpt.restore(layers, config.abits if float_model is None else 16)
+            start, restored_inputs, restored = ckpt.restore(layers)
             if start:
                 inputs = restored_inputs
                 stats = [BlockStats(**d) for d in restored]
@@ -283,11 +290,13 @@ def quantize(
             for names in adapter.groups:
                 _quantize_group(block, adapter, names, inputs, kwargs, config, f"{prefix_root}.{i}", fallbacks)
             if config.abits < 16:
-                from .smoothquant import attach_act_quant
+                from .smoothquant import attach_act_quant, static_act_scales
 
-                for names in adapter.groups:
-                    for name in names:
-                        attach_act_quant(get_module(block, name), config.abits)
+                names = [n for group in adapter.groups for n in group]
+                scales = (static_act_scales(block, names, inputs, kwargs, config.abits) if config.act_static
+                          else dict.fromkeys(names))
+                for name in names:
+                    attach_act_quant(get_module(block, name), config.abits, scales[name])
         outs = _run(block, inputs, kwargs)
         dmu0, dvar0 = channel_stats_gap(targets, outs)
         tstats = None

@@ -19,7 +19,9 @@ weights and activations quantized.
 
 Activation quantization is simulated: a forward pre-hook on each quantized
 Linear replaces its input by per-token dynamic symmetric fake-quantized values
-(`abits` bits; the scale of each token is max|x| / (2^(abits-1) - 1)). Its
+(`abits` bits; the scale of each token is max|x| / (2^(abits-1) - 1)), or, with
+static scales, by per-tensor values on one fixed scale max|x| / (2^(abits-1) - 1)
+taken over the calibration tokens (values beyond it clip). Its
 backward is the straight-through estimator, so Norm Tweaking's gradient reaches
 the norms through it.
 """
@@ -27,6 +29,7 @@ the norms through it.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -50,26 +53,63 @@ def fake_quant_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
     return x + (q - x).detach()
 
 
-def _act_hook(bits: int):
+def fake_quant_static(x: torch.Tensor, bits: int, scale: float) -> torch.Tensor:
+    """Symmetric per-tensor fake quantization with a fixed scale (from calibration); values beyond the grid clip;
+    straight-through backward."""
+    qmax = 2 ** (bits - 1) - 1
+    q = (torch.round(x.float() / scale).clamp(-qmax - 1, qmax) * scale).to(x.dtype)
+    return x + (q - x).detach()
+
+
+def _act_hook(bits: int, scale: Optional[float]):
     def hook(mod, args):
-        return (fake_quant_per_token(args[0], bits),) + tuple(args[1:])
+        x = fake_quant_per_token(args[0], bits) if scale is None else fake_quant_static(args[0], bits, scale)
+        return (x,) + tuple(args[1:])
 
     return hook
 
 
-def attach_act_quant(module: torch.nn.Module, bits: int) -> None:
-    """Fake-quantize the input of `module` (a Linear or Conv1D) to `bits` bits per token from now on."""
+def attach_act_quant(module: torch.nn.Module, bits: int, scale: Optional[float] = None) -> None:
+    """Fake-quantize the input of `module` (a Linear or Conv1D) to `bits` bits from now on: per token with dynamic
+    scales, or per tensor with the fixed `scale` (static, from calibration)."""
     if not 2 <= bits <= 16:
         raise ValueError(f"abits={bits} is not supported; choose 4..8, or 16 for float activations (--abits)")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"static activation scale {scale} for a {bits}-bit input must be finite and positive; "
+                         "the calibration data never reached this layer (--act-static)")
     old = getattr(module, "_normtweak_act_handle", None)
     if old is not None:
         old.remove()
     if bits >= 16:
         module._normtweak_act_handle = None
         module._normtweak_abits = 16
+        module._normtweak_act_scale = None
         return
-    module._normtweak_act_handle = module.register_forward_pre_hook(_act_hook(bits))
+    module._normtweak_act_handle = module.register_forward_pre_hook(_act_hook(bits, scale))
     module._normtweak_abits = bits
+    module._normtweak_act_scale = scale
+
+
+@torch.no_grad()
+def static_act_scales(block: torch.nn.Module, names: Sequence[str], inputs, kwargs, bits: int) -> dict[str, float]:
+    """Per-tensor scales max|x| / (2^(bits-1) - 1) of each named Linear's input over the calibration inputs."""
+    from .tweak import _first
+
+    amax = {n: 0.0 for n in names}
+    hooks = []
+    for n in names:
+        def hook(m, args, _n=n):
+            amax[_n] = max(amax[_n], args[0].detach().abs().max().item())
+
+        hooks.append(get_module(block, n).register_forward_pre_hook(hook))
+    try:
+        for x in inputs:
+            _first(block(x, **kwargs))
+    finally:
+        for h in hooks:
+            h.remove()
+    qmax = 2 ** (bits - 1) - 1
+    return {n: a / qmax for n, a in amax.items()}
 
 
 def fold_into_norm(norm: NormInfo, s: torch.Tensor) -> None:

@@ -127,3 +127,7 @@ def test_cli_smoothquant_w8a8_with_tweak(tiny_model_dir, tmp_path, capsys):
     assert cli.main(["eval", "--model", str(out), "--tasks", "ppl:persuasion", "--limit", "1"]) == 0
     assert cli.main(common[:-8] + ["--abits", "8", "--alpha", "1.5", "--out", str(out)]) == 2
     assert "alpha=1.5" in capsys.readouterr().err
+    static = tmp_path / "w8a8-static"
+    assert cli.main(common + ["--out", str(static), "--format", "fake", "--act-static"]) == 0
+    acts = json.loads((static / "config.json").read_text())["quantization_config"]["activations"]
+    assert acts["scheme"] == "per-tensor static symmetric" and all(v > 0 for v in acts["scales"].values())

@@ -13,7 +13,7 @@ import normtweak as nt
 from normtweak import export
 from normtweak.models import block_norms, blocks, get_adapter, get_module
 from normtweak.pipeline import capture_block_inputs
-from normtweak.smoothquant import ALPHA_GRID, fake_quant_per_token, smooth_block
+from normtweak.smoothquant import ALPHA_GRID, fake_quant_per_token, fake_quant_static, smooth_block, static_act_scales
 from normtweak.tweak import _first
 
 # Smoothing rescales weights by s and norms by 1/s in float64 before rounding
@@ -154,7 +154,49 @@ def test_fake_quant_per_token():
     assert torch.allclose(q[1], torch.tensor([100.0, 0.0, 0.0]))
 
 
+def test_fake_quant_static_clips_and_passes_gradients():
+    x = torch.tensor([[0.5, -0.26, 3.0, -9.0]], requires_grad=True)
+    q = fake_quant_static(x, 4, 0.25)  # grid -8..7 steps of 0.25: [-2, 1.75]
+    assert torch.equal(q.detach(), torch.tensor([[0.5, -0.25, 1.75, -2.0]]))
+    q.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_static_activation_scales_from_calibration(tmp_path):
+    """--act-static: each Linear's scale is max|input| / 127 over the calibration tokens (checked on q_proj against
+    the norm's output computed directly), the scheme and scales survive export and a checkpoint resume."""
+    model, ref = tiny("llama"), tiny("llama")
+    block = blocks(model)[0]
+    inputs, kwargs = capture_block_inputs(model, calib())
+    with torch.no_grad():
+        want = max(block.input_layernorm(x).abs().max().item() for x in inputs) / 127
+    got = static_act_scales(block, ["self_attn.q_proj", "mlp.down_proj"], inputs, kwargs, 8)
+    assert got["self_attn.q_proj"] == pytest.approx(want, rel=1e-6) and got["mlp.down_proj"] > 0
+    cfg = nt.GPTQConfig(method="smoothquant", bits=8, group_size=-1, abits=8, act_static=True)
+    nt.pipeline.quantize(model, calib(), cfg, None, progress=False, checkpoint=str(tmp_path / "ck"))
+    lins = [m for m in model.modules() if getattr(m, "_normtweak_abits", 16) == 8]
+    assert len(lins) == 7 * len(blocks(model)) and all(m._normtweak_act_scale > 0 for m in lins)
+    x = calib(2, seed=9)
+    with torch.no_grad():
+        f, q = ref(input_ids=x).logits, model(input_ids=x).logits
+    assert rel(q, f) < W8A8_REL
+    out = export.save_fake(model, None, tmp_path / "w8a8s")
+    acts = json.loads((out / "config.json").read_text())["quantization_config"]["activations"]
+    assert acts["scheme"] == "per-tensor static symmetric" and not acts["dynamic"]
+    assert len(acts["scales"]) == len(lins)
+    loaded, _, _ = export.load_quantized(out)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, q)
+    # A resume from the per-block checkpoints restores the static scales, not dynamic ones.
+    resumed = tiny("llama")
+    nt.pipeline.quantize(resumed, calib(), cfg, None, progress=False, checkpoint=str(tmp_path / "ck"), resume=True)
+    with torch.no_grad():
+        assert torch.equal(resumed(input_ids=x).logits, q)
+
+
 def test_smoothquant_errors_name_the_setting():
+    with pytest.raises(ValueError, match="--act-static"):
+        nt.GPTQConfig(act_static=True)
     with pytest.raises(ValueError, match="alpha=1.5"):
         nt.GPTQConfig(method="smoothquant", alpha=1.5)
     with pytest.raises(ValueError, match="abits=3"):
