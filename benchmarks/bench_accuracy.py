@@ -108,6 +108,7 @@ def run_row(args) -> dict:
         r = ev.multiple_choice(model, tok, task, limit=args.mc_limit)
         res[task], res[task + "_norm"], res[task + "_n"] = r["acc"], r["acc_norm"], r["n"]
     res["peak_rss_gib"] = peak_rss_gib()
+    res["threads"] = torch.get_num_threads()
     return res
 
 
@@ -117,7 +118,7 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def render(store: dict, args, wanted: list[str]) -> str:
+def render(store: dict, store_path: Path, wanted: list[str], heading: str = "# Accuracy on SmolLM2-135M-Instruct") -> str:
     s = store["settings"]
     tasks = [t for t in s["mc_tasks"].split(",") if t]
     rows = store["rows"]
@@ -125,10 +126,10 @@ def render(store: dict, args, wanted: list[str]) -> str:
     limit = f", first {s['mc_limit']} questions" if s["mc_limit"] else ""
     head = ["model", "weights", "LAMBADA acc", "LAMBADA ppl", "text ppl"] + tasks + ["quantize s", "peak RSS GiB"]
     lines = [
-        "# Accuracy on SmolLM2-135M-Instruct",
+        heading,
         "",
         f"Written {datetime.date.today()} by `benchmarks/bench_accuracy.py` on 2 CPU cores "
-        f"(rows stored in `docs/{Path(args.store).name}`). Calibration: {s['calib']}, {s['nsamples']} x {s['seqlen']} tokens. "
+        f"(rows stored in `docs/{store_path.name}`). Calibration: {s['calib']}, {s['nsamples']} x {s['seqlen']} tokens. "
         f"GPTQ and RTN: {'symmetric' if s['sym'] else 'asymmetric'} grid"
         f"{', GPTQ with act-order' if s['act_order'] else ''}. Norm Tweaking (NT): lr0 = {s['tweak_lr']}, "
         f"scale {s['tweak_scale']}, one pass, batch 1, dist loss unless the row says otherwise. "
@@ -162,6 +163,17 @@ def render(store: dict, args, wanted: list[str]) -> str:
         cells = list(label(name)) + [f"{r['lambada_acc']:.4f}", f"{r['lambada_ppl']:.2f}", f"{r['ppl']:.2f}"]
         cells += [f"{r[t]:.4f}" for t in tasks] + [f"{r['quantize_s']:.0f}", f"{r['peak_rss_gib']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(parse_row(r).get("abits", 16) < 16 for r in rows):
+        lines += ["", "SmoothQuant rows: weights per output channel, symmetric, round-to-nearest (or GPTQ where the "
+                  "row says so) on the smoothed weights; activations per-token dynamic symmetric (simulated); "
+                  "alpha 0.5 on each block's two norm -> Linear pairs and its v_proj -> o_proj and up_proj -> "
+                  "down_proj pairs; NT inside the walk, seeing the activation quantization."]
+    threads = sorted({r.get("threads") for r in rows.values() if r.get("threads")})
+    if threads:
+        lines += ["", f"Rows measured since the `threads` field was added ran on {'/'.join(map(str, threads))} "
+                  "thread(s) each, two rows at a time on the 2 cores; quantize seconds compare only roughly."]
+    lines += ["", "Command: `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_accuracy.py "
+              f"--rows {','.join(rows)} {' '.join(setting_flags(s))} --store docs/{store_path.name}`"]
     missing = [r for r in wanted if r not in rows]
     if missing:
         lines += ["", f"Not yet measured with these settings: {', '.join(missing)}."]
@@ -169,13 +181,17 @@ def render(store: dict, args, wanted: list[str]) -> str:
 
 
 def child_flags(args) -> list[str]:
+    return setting_flags(settings(args))
+
+
+def setting_flags(s: dict) -> list[str]:
     flags = []
-    for k, v in settings(args).items():
+    for k, v in s.items():
         opt = "--" + k.replace("_", "-")
         if isinstance(v, bool):
             flags.append(opt if v else "--no-" + opt[2:])
         elif v is not None:
-            flags += [opt, str(v)]
+            flags += [opt, repr(v) if v == "" else str(v)]
     return flags
 
 
@@ -196,9 +212,15 @@ def main() -> None:
     ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--store", default=str(ROOT / "docs" / "results.json"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
+    ap.add_argument("--also", action="append", default=None,
+                    help="further stores whose tables are appended to --out (default with the default store: "
+                         "docs/results_smoothquant.json)")
     ap.add_argument("--run-row", help=argparse.SUPPRESS)
     ap.add_argument("--row-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.also is None:
+        default = Path(args.store).resolve() == (ROOT / "docs" / "results.json").resolve()
+        args.also = [str(ROOT / "docs" / "results_smoothquant.json")] if default else []
     if args.run_row:
         write_atomic(Path(args.row_out), json.dumps(run_row(args)))
         return
@@ -226,10 +248,21 @@ def main() -> None:
         store["rows"][name] = json.loads(row_out.read_text())
         row_out.unlink()
         write_atomic(store_path, json.dumps(store, indent=1))
-        write_atomic(Path(args.out), render(store, args, wanted))
+        write_atomic(Path(args.out), page(store, store_path, wanted, args.also))
         print(json.dumps(store["rows"][name]), flush=True)
-    write_atomic(Path(args.out), render(store, args, wanted))
-    print(render(store, args, wanted))
+    write_atomic(Path(args.out), page(store, store_path, wanted, args.also))
+    print(page(store, store_path, wanted, args.also))
+
+
+def page(store: dict, store_path: Path, wanted: list[str], also: list[str]) -> str:
+    """This store's table, then one section per further store (e.g. the SmoothQuant rows under results.md)."""
+    text = render(store, store_path, wanted)
+    for path in map(Path, also):
+        if path.exists() and path.resolve() != store_path.resolve():
+            other = json.loads(path.read_text())
+            title = "SmoothQuant (weight and activation quantization)" if "smoothquant" in path.name else path.stem
+            text += "\n" + render(other, path, [], heading=f"## {title}")
+    return text
 
 
 if __name__ == "__main__":
