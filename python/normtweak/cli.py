@@ -108,7 +108,7 @@ def cmd_quantize(args) -> int:
             raise ValueError(f"--alpha {args.alpha!r} is not a number in [0, 1] or 'search'") from None
     cfg = GPTQConfig(bits=args.wbits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
                      method=args.method, abits=args.abits, alpha=alpha, weight_method=args.weight_method,
-                     act_static=args.act_static)
+                     act_static=args.act_static, smooth_linear=args.smooth_linear)
     if cfg.abits < 16 and args.format == "gptq":
         raise ValueError(f"--abits {cfg.abits} quantizes activations, which the GPTQ format cannot record; "
                          "add --format fake")
@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=("rtn", "gptq", "smoothquant"), default="gptq")
     q.add_argument("--abits", type=int, default=16,
                    help="activation bits (per-token dynamic, simulated); 16 keeps activations in float")
+    q.add_argument("--smooth-linear", action=argparse.BooleanOptionalAction, default=None,
+                   help="SmoothQuant: also smooth v_proj -> o_proj and up_proj -> down_proj (default: when abits <= "
+                        "wbits)")
     q.add_argument("--act-static", action="store_true",
                    help="static per-tensor activation scales from the calibration maxima instead of per-token ones")
     q.add_argument("--alpha", default="0.5", help="SmoothQuant migration strength in [0, 1], or 'search' (per pair)")

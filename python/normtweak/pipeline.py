@@ -40,7 +40,14 @@ class GPTQConfig:
         maximum |x| of its input over the calibration tokens (after the block's
         weights are quantized), instead of dynamic per-token scales.
     alpha: SmoothQuant's migration strength in [0, 1]; None searches it per
-        pair over smoothquant.ALPHA_GRID by the pair's output error.
+        pair over smoothquant.ALPHA_GRID, and leaving the pair unsmoothed, by
+        the pair's output error.
+    smooth_linear: also smooth the Linear -> Linear pairs (v_proj -> o_proj,
+        up_proj -> down_proj). None: only where the activations are quantized
+        at most as finely as the weights (abits <= bits, e.g. W8A8, W4A4):
+        moving activation outliers into o_proj/down_proj weights pays off
+        when activation error dominates and costs more than it saves when the
+        weights are the narrower side (W4A8; measured in docs/findings.md).
     weight_method: the weight quantizer under SmoothQuant, "rtn" or "gptq"
         (GPTQ then runs on the smoothed weights with Hessians of the smoothed inputs).
     """
@@ -58,6 +65,7 @@ class GPTQConfig:
     alpha: Optional[float] = 0.5
     weight_method: str = "rtn"
     act_static: bool = False
+    smooth_linear: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.method not in ("gptq", "rtn", "smoothquant"):
@@ -75,6 +83,11 @@ class GPTQConfig:
             raise ValueError(f"bits={self.bits} is not supported; choose 2..8 (--wbits)")
         if self.group_size != -1 and self.group_size <= 0:
             raise ValueError(f"group_size={self.group_size} must be -1 or positive (--group-size)")
+
+    @property
+    def smooths_linear_pairs(self) -> bool:
+        """Whether SmoothQuant smooths the Linear -> Linear pairs (see smooth_linear)."""
+        return self.abits <= self.bits if self.smooth_linear is None else self.smooth_linear
 
     @property
     def weights(self) -> str:
@@ -286,6 +299,7 @@ def quantize(
 
                 smoothing = smooth_block(block, adapter, block_norms(block, adapter), inputs, kwargs,
                                          alpha=config.alpha, wbits=config.bits, group_size=config.group_size,
+                                         linear_pairs=config.smooths_linear_pairs,
                                          sym=config.sym, abits=config.abits, prefix=f"{prefix_root}.{i}")
             for names in adapter.groups:
                 _quantize_group(block, adapter, names, inputs, kwargs, config, f"{prefix_root}.{i}", fallbacks)

@@ -188,11 +188,13 @@ class _Pair:
         return [V[:, :, i, :].reshape(W.shape[0], -1) for i in range(self.group)]
 
 
-def smoothing_pairs(block: torch.nn.Module, adapter: Adapter, norms: Sequence[NormInfo]) -> list[_Pair]:
-    """The block's smoothing sites: its two norm -> Linear pairs, then the adapter's Linear -> Linear pairs."""
+def smoothing_pairs(block: torch.nn.Module, adapter: Adapter, norms: Sequence[NormInfo],
+                    linear_pairs: bool = True) -> list[_Pair]:
+    """The block's smoothing sites: its two norm -> Linear pairs, then (with `linear_pairs`) the adapter's
+    Linear -> Linear pairs."""
     pairs = [_Pair(norm.name, names, lambda s, _n=norm: fold_into_norm(_n, s))
              for norm, names in ((norms[0], adapter.groups[0]), (norms[1], adapter.groups[2]))]
-    for producer, consumer in adapter.linear_pairs:
+    for producer, consumer in adapter.linear_pairs if linear_pairs else ():
         p, c = get_module(block, producer), get_module(block, consumer)
         n_out, n_in = linear_weight(p, adapter).shape[0], linear_weight(c, adapter).shape[1]
         head_dim = getattr(get_module(block, producer.rpartition(".")[0]), "head_dim", None) or 1
@@ -207,13 +209,14 @@ def smoothing_pairs(block: torch.nn.Module, adapter: Adapter, norms: Sequence[No
 @torch.no_grad()
 def smooth_block(block: torch.nn.Module, adapter: Adapter, norms: Sequence[NormInfo], inputs, kwargs, *,
                  alpha: Optional[float], wbits: int, group_size: int, sym: bool, abits: int,
-                 prefix: str, max_tokens: int = 4096) -> list[dict]:
-    """Smooth the block's (norm -> Linear layers) and (Linear -> Linear) pairs in place; returns [{"pair",
-    "alpha", "max_before", "max_after"}] per pair. alpha None searches ALPHA_GRID per pair (needs the pair's
-    inputs: at most `max_tokens` calibration tokens are kept for that)."""
+                 prefix: str, max_tokens: int = 4096, linear_pairs: bool = True) -> list[dict]:
+    """Smooth the block's (norm -> Linear layers) and, with `linear_pairs`, its (Linear -> Linear) pairs in place;
+    returns [{"pair", "alpha", "max_before", "max_after"}] per pair. alpha None searches ALPHA_GRID per pair and
+    leaving the pair as it is (reported as alpha None), by the pair's output error (needs the pair's inputs: at
+    most `max_tokens` calibration tokens are kept for that)."""
     from .tweak import _first
 
-    pairs = smoothing_pairs(block, adapter, norms)
+    pairs = smoothing_pairs(block, adapter, norms, linear_pairs)
     accs, kept, hooks = [], [], []
     for pair in pairs:
         first = get_module(block, pair.consumers[0])
@@ -242,19 +245,23 @@ def smooth_block(block: torch.nn.Module, adapter: Adapter, norms: Sequence[NormI
         views = [v for W in Ws for v in pair.weight_views(W)]
         amax = acc.absmax()
 
-        def factors(a: float) -> torch.Tensor:
+        def factors(a: Optional[float]) -> torch.Tensor:
+            if a is None:  # the pair left unsmoothed
+                return torch.ones_like(pair.reduce(amax))
             return core.smooth_factors(pair.reduce(amax), views, a)
 
         if alpha is None:
             X = torch.cat(store)[:max_tokens]
-            errs = {a: _pair_error(X, Ws, pair.expand(factors(a)), wbits, group_size, sym, abits) for a in ALPHA_GRID}
+            errs = {a: _pair_error(X, Ws, pair.expand(factors(a)), wbits, group_size, sym, abits)
+                    for a in (None, *ALPHA_GRID)}
             a = min(errs, key=errs.get)
         else:
             a = alpha
         s = factors(a)
-        pair.fold(s)
-        for m in mods:
-            scale_inputs(m, pair.expand(s), adapter)
+        if a is not None:
+            pair.fold(s)
+            for m in mods:
+                scale_inputs(m, pair.expand(s), adapter)
         report.append({"pair": f"{prefix}.{pair.name}", "alpha": a, "max_before": amax.max().item(),
                        "max_after": (amax / pair.expand(s)).max().item()})
     return report

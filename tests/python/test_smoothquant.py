@@ -143,7 +143,14 @@ def test_alpha_search_and_gptq_weights_under_smoothing():
     cfg = nt.GPTQConfig(method="smoothquant", bits=4, group_size=32, abits=8, alpha=None, weight_method="gptq")
     rep = nt.pipeline.quantize(model, ids, cfg, None, progress=False)
     alphas = [p["alpha"] for b in rep.blocks for p in b["smoothing"]]
-    assert len(alphas) == 3 * len(rep.blocks) and set(alphas) <= set(ALPHA_GRID)  # 2 norm pairs + v -> out_proj
+    # W4A8: the weights are the narrower side, so only the two norm pairs are smoothed by default; None is a pair
+    # the search left unsmoothed.
+    assert len(alphas) == 2 * len(rep.blocks) and set(alphas) <= {None, *ALPHA_GRID}
+    both = nt.GPTQConfig(method="smoothquant", bits=4, group_size=32, abits=8, alpha=None, smooth_linear=True)
+    assert both.smooths_linear_pairs and nt.GPTQConfig(method="smoothquant", bits=4, abits=4).smooths_linear_pairs
+    rep = nt.pipeline.quantize(tiny("opt"), ids, both, None, progress=False)
+    assert all(len(b["smoothing"]) == 3 and b["smoothing"][2]["pair"].endswith("v_proj->self_attn.out_proj")
+               for b in rep.blocks)
     assert all(m._normtweak_quant.method == "gptq" for m in model.modules() if hasattr(m, "_normtweak_quant"))
 
 
