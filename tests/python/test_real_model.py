@@ -27,19 +27,31 @@ def smollm2_slice():
 def block_outputs(model, ids):
     with torch.no_grad():
         hs = model(input_ids=ids, output_hidden_states=True).hidden_states
-    return [h.reshape(-1, h.shape[-1]) for h in hs[1:BLOCKS]]  # outputs of blocks 0..BLOCKS-2 (the last is normed)
+    return hs[1:BLOCKS]  # outputs [n, seqlen, C] of blocks 0..BLOCKS-2 (the last is normed)
+
+
+def per_sample_dist_loss(quant, ref):
+    """The tweak's own objective on held-out text: eq. 2 over each sample's tokens, averaged over samples."""
+    return sum(nt.channel_dist_loss(q, f).item() for q, f in zip(quant, ref)) / len(ref)
 
 
 def test_tweaking_lowers_the_distribution_loss_on_held_out_text(smollm2_slice):
+    """Calibration: 64 x 256 tokens of the first half of Emma (the table's amount; with 8 x 128 tokens GPTQ and the
+    tweak both fit the calibration windows and held-out loss rises). The tweak runs after GPTQ on the same weights
+    (inside the walk every later block's GPTQ would change too). Held out: Emma's second half and Persuasion."""
     model, tok, train_text, held_text = smollm2_slice
-    calib = text_calibration(tok, train_text, n=8, seqlen=128, seed=0)
-    held = text_calibration(tok, held_text, n=4, seqlen=128, seed=1)
+    half = len(train_text) // 2
+    calib = text_calibration(tok, train_text[:half], n=64, seqlen=256, seed=0)
     cfg = nt.GPTQConfig(bits=3, group_size=128, act_order=True)
-    plain, tweaked = copy.deepcopy(model), copy.deepcopy(model)
+    plain = copy.deepcopy(model)
     nt.pipeline.quantize(plain, calib, cfg, None, progress=False)
-    rep = nt.pipeline.quantize(tweaked, calib, cfg, nt.TweakConfig(lr=1e-4, rollback=False), progress=False)
+    tweaked = copy.deepcopy(plain)
+    rep = nt.tweak(model, tweaked, calib, nt.TweakConfig(lr=1e-5, rollback=False), progress=False)
     assert all(b["tweak"]["loss_after"] < b["tweak"]["loss_before"] for b in rep.blocks)
-    f = block_outputs(model, held)
-    d_plain = [nt.channel_dist_loss(q, t).item() for q, t in zip(block_outputs(plain, held), f)]
-    d_tweak = [nt.channel_dist_loss(q, t).item() for q, t in zip(block_outputs(tweaked, held), f)]
-    assert sum(d_tweak) < sum(d_plain), (d_plain, d_tweak)
+    for text in (train_text[half:], held_text):
+        held = text_calibration(tok, text, n=8, seqlen=256, seed=1)
+        f = block_outputs(model, held)
+        d_plain = [per_sample_dist_loss(q, t) for q, t in zip(block_outputs(plain, held), f)]
+        d_tweak = [per_sample_dist_loss(q, t) for q, t in zip(block_outputs(tweaked, held), f)]
+        print("held-out dist loss per block, GPTQ vs GPTQ + NT:", d_plain, d_tweak)
+        assert all(t < p for p, t in zip(d_plain, d_tweak)), (d_plain, d_tweak)
