@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -173,7 +174,7 @@ def render(store: dict, store_path: Path, wanted: list[str], heading: str = "# A
         lines += ["", f"Rows measured since the `threads` field was added ran on {'/'.join(map(str, threads))} "
                   "thread(s) each, two rows at a time on the 2 cores; quantize seconds compare only roughly."]
     lines += ["", "Command: `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_accuracy.py "
-              f"--rows {','.join(rows)} {' '.join(setting_flags(s))} --store docs/{store_path.name}`"]
+              f"--rows {','.join(rows)} {' '.join(setting_flags(s, shell=True))} --store docs/{store_path.name}`"]
     missing = [r for r in wanted if r not in rows]
     if missing:
         lines += ["", f"Not yet measured with these settings: {', '.join(missing)}."]
@@ -184,14 +185,15 @@ def child_flags(args) -> list[str]:
     return setting_flags(settings(args))
 
 
-def setting_flags(s: dict) -> list[str]:
+def setting_flags(s: dict, shell: bool = False) -> list[str]:
+    """Command-line flags for these settings: argv items, or shell-quoted words to print (shell=True)."""
     flags = []
     for k, v in s.items():
         opt = "--" + k.replace("_", "-")
         if isinstance(v, bool):
             flags.append(opt if v else "--no-" + opt[2:])
         elif v is not None:
-            flags += [opt, repr(v) if v == "" else str(v)]
+            flags += [opt, shlex.quote(str(v)) if shell else str(v)]
     return flags
 
 
