@@ -210,13 +210,16 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--tweak-lr", type=float, default=1e-5)
     ap.add_argument("--tweak-scale", type=float, default=5.0)
-    ap.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--sym", action=argparse.BooleanOptionalAction, default=False,
+                    help="symmetric grid (the main table: asymmetric, as GPTQ's paper; the SmoothQuant rows: --sym)")
     ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--store", default=str(ROOT / "docs" / "results.json"))
     ap.add_argument("--out", default=str(ROOT / "docs" / "results.md"))
     ap.add_argument("--also", action="append", default=None,
                     help="further stores whose tables are appended to --out (default with the default store: "
                          "docs/results_smoothquant.json)")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite --out from the stored rows (listing the wanted rows not yet measured); run nothing")
     ap.add_argument("--run-row", help=argparse.SUPPRESS)
     ap.add_argument("--row-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -236,10 +239,13 @@ def main() -> None:
     store_path = Path(args.store)
     store = json.loads(store_path.read_text()) if store_path.exists() else {}
     if store.get("settings") != settings(args):
+        if args.render_only:
+            raise SystemExit(f"--render-only: {store_path} holds rows measured with other settings "
+                             f"({store.get('settings')}); pass those settings")
         if store.get("rows"):
             print(f"{store_path}: stored rows used other settings; starting a new table", flush=True)
         store = {"settings": settings(args), "rows": {}}
-    for name in wanted:
+    for name in [] if args.render_only else wanted:
         if name in store["rows"]:
             print(f"{name}: stored, skipped", flush=True)
             continue
