@@ -9,6 +9,13 @@ docs/results.md.
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_accuracy.py
     .venv/bin/python benchmarks/bench_accuracy.py --rows float,gptq-w3g128,gptq-w3g128-nt --lambada-limit 500
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_accuracy.py --rows float,smoothquant \
+        --sym --lambada-limit 500 --ppl-windows 10 --mc-tasks "" --store docs/results_smoothquant.json \
+        --out docs/results_smoothquant.md
+
+results.md also carries the SmoothQuant store's table as a section. Run each
+row process on one thread (OMP_NUM_THREADS=1) when two benchmarks share the 2
+cores: two 2-thread processes on 2 cores ran 3-5x slower than one thread each.
 
 Every row runs in its own process (so its peak RSS is its own) and is stored in
 docs/results.json as soon as it finishes; a rerun skips rows already stored
