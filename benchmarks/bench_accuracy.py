@@ -174,8 +174,9 @@ def render(store: dict, store_path: Path, wanted: list[str], heading: str = "# A
     if any(parse_row(r).get("abits", 16) < 16 for r in rows):
         lines += ["", "SmoothQuant rows: weights per output channel, symmetric, round-to-nearest (or GPTQ where the "
                   "row says so) on the smoothed weights; activations per-token dynamic symmetric (simulated); "
-                  "alpha 0.5 on each block's two norm -> Linear pairs and its v_proj -> o_proj and up_proj -> "
-                  "down_proj pairs; NT inside the walk, seeing the activation quantization."]
+                  "alpha 0.5 on each block's two norm -> Linear pairs and, where abits <= wbits (W8A8, W4A4), "
+                  "its v_proj -> o_proj and up_proj -> down_proj pairs (see findings.md); NT inside the walk, "
+                  "seeing the activation quantization."]
     threads = sorted({r.get("threads") for r in rows.values() if r.get("threads")})
     if threads:
         lines += ["", f"Rows measured since the `threads` field was added ran on {'/'.join(map(str, threads))} "
