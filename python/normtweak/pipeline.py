@@ -22,7 +22,7 @@ import torch
 
 from . import core
 from .models import Adapter, block_norms, blocks, get_adapter, get_module, linear_weight, set_linear_weight
-from .tweak import TweakConfig, _first, tweak_block
+from .tweak import TweakConfig, _first, run_watching_inputs, tweak_block
 
 log = logging.getLogger("normtweak")
 
@@ -180,24 +180,19 @@ def _quantize_group(block, adapter: Adapter, names, inputs, kwargs, cfg: GPTQCon
     for name, mod in mods.items():
         _check_group_size(cfg, linear_weight(mod, adapter), f"{prefix}.{name}")
     accs = {}
-    hooks = []
     if cfg.weights == "gptq":
+        watchers = {}
         for name, mod in mods.items():
-            W = linear_weight(mod, adapter)
-            accs[name] = core.HessianAccumulator(W.shape[1])
+            accs[name] = core.HessianAccumulator(linear_weight(mod, adapter).shape[1])
 
-            def hook(m, args, out, _acc=accs[name], _name=f"{prefix}.{name}"):
+            def watch(x, _acc=accs[name], _name=f"{prefix}.{name}"):
                 try:
-                    _acc.add_batch(args[0].detach().reshape(-1, args[0].shape[-1]))
+                    _acc.add_batch(x.reshape(-1, x.shape[-1]))
                 except ValueError as e:
                     raise ValueError(f"input of layer {_name!r}: {e}") from None
 
-            hooks.append(mod.register_forward_hook(hook))
-        try:
-            _run(block, inputs, kwargs)
-        finally:
-            for h in hooks:
-                h.remove()
+            watchers[name] = watch
+        run_watching_inputs(block, watchers, inputs, kwargs)
     for name, mod in mods.items():
         W = linear_weight(mod, adapter).float()
         lname = f"{prefix}.{name}"

@@ -37,7 +37,7 @@ import torch
 
 from . import core
 from .models import Adapter, get_module, linear_weight, set_linear_weight
-from .tweak import NormInfo
+from .tweak import NormInfo, run_watching_inputs
 
 log = logging.getLogger("normtweak")
 
@@ -93,21 +93,15 @@ def attach_act_quant(module: torch.nn.Module, bits: int, scale: Optional[float] 
 @torch.no_grad()
 def static_act_scales(block: torch.nn.Module, names: Sequence[str], inputs, kwargs, bits: int) -> dict[str, float]:
     """Per-tensor scales max|x| / (2^(bits-1) - 1) of each named Linear's input over the calibration inputs."""
-    from .tweak import _first
+    amax = dict.fromkeys(names, 0.0)
 
-    amax = {n: 0.0 for n in names}
-    hooks = []
-    for n in names:
-        def hook(m, args, _n=n):
-            amax[_n] = max(amax[_n], args[0].detach().abs().max().item())
+    def watcher(n: str):
+        def watch(x):
+            amax[n] = max(amax[n], x.abs().max().item())
 
-        hooks.append(get_module(block, n).register_forward_pre_hook(hook))
-    try:
-        for x in inputs:
-            _first(block(x, **kwargs))
-    finally:
-        for h in hooks:
-            h.remove()
+        return watch
+
+    run_watching_inputs(block, {n: watcher(n) for n in names}, inputs, kwargs)
     qmax = 2 ** (bits - 1) - 1
     return {n: a / qmax for n, a in amax.items()}
 
@@ -214,30 +208,23 @@ def smooth_block(block: torch.nn.Module, adapter: Adapter, norms: Sequence[NormI
     returns [{"pair", "alpha", "max_before", "max_after"}] per pair. alpha None searches ALPHA_GRID per pair and
     leaving the pair as it is (reported as alpha None), by the pair's output error (needs the pair's inputs: at
     most `max_tokens` calibration tokens are kept for that)."""
-    from .tweak import _first
-
     pairs = smoothing_pairs(block, adapter, norms, linear_pairs)
-    accs, kept, hooks = [], [], []
+    accs, kept, watchers = [], [], {}
     for pair in pairs:
-        first = get_module(block, pair.consumers[0])
-        acc = core.ActAbsMax(linear_weight(first, adapter).shape[1])
+        first = pair.consumers[0]
+        acc = core.ActAbsMax(linear_weight(get_module(block, first), adapter).shape[1])
         store: list[torch.Tensor] = []
 
-        def hook(m, args, _acc=acc, _store=store):
-            x = args[0].detach().reshape(-1, args[0].shape[-1])
+        def watch(x, _acc=acc, _store=store):
+            x = x.reshape(-1, x.shape[-1])
             _acc.add_batch(x)
             if alpha is None and sum(t.shape[0] for t in _store) < max_tokens:
                 _store.append(x.float().clone())
 
-        hooks.append(first.register_forward_pre_hook(hook))
+        watchers[first] = watch
         accs.append(acc)
         kept.append(store)
-    try:
-        for x in inputs:
-            _first(block(x, **kwargs))
-    finally:
-        for h in hooks:
-            h.remove()
+    run_watching_inputs(block, watchers, inputs, kwargs)
     report = []
     for pair, acc, store in zip(pairs, accs, kept):
         mods = [get_module(block, n) for n in pair.consumers]

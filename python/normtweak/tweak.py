@@ -173,6 +173,21 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@torch.no_grad()
+def run_watching_inputs(block: torch.nn.Module, watchers: dict[str, Callable[[torch.Tensor], None]], inputs,
+                        kwargs) -> None:
+    """Run `block` over `inputs`, handing each named submodule's input tensor to its watcher on every call
+    (statistics gathering: Hessians, activation maxima); the hooks are removed afterwards."""
+    hooks = [block.get_submodule(name).register_forward_pre_hook(lambda m, args, _f=fn: _f(args[0].detach()))
+             for name, fn in watchers.items()]
+    try:
+        for x in inputs:
+            block(x, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def tweak_block(
     quant_block: torch.nn.Module,
     norms: Sequence[NormInfo],
