@@ -16,6 +16,8 @@ docs/results.md.
 results.md also carries the SmoothQuant store's table as a section. Run each
 row process on one thread (OMP_NUM_THREADS=1) when two benchmarks share the 2
 cores: two 2-thread processes on 2 cores ran 3-5x slower than one thread each.
+Two invocations may fill one store at once (give them different --rows): rows
+are merged into the store under a lock as each finishes.
 
 Every row runs in its own process (so its peak RSS is its own) and is stored in
 docs/results.json as soon as it finishes; a rerun skips rows already stored
@@ -27,7 +29,9 @@ whole table takes hours on 2 cores). The bundled weights already lie on a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import resource
@@ -118,6 +122,18 @@ def run_row(args) -> dict:
     res["peak_rss_gib"] = peak_rss_gib()
     res["threads"] = torch.get_num_threads()
     return res
+
+
+@contextlib.contextmanager
+def store_lock(store_path: Path):
+    """Exclusive lock beside the store, so two invocations filling one store (one row each at a time, e.g.
+    two one-thread streams on the 2 cores) never drop each other's rows."""
+    with open(store_path.with_name(store_path.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -254,16 +270,26 @@ def main() -> None:
             print(f"{store_path}: stored rows used other settings; starting a new table", flush=True)
         store = {"settings": settings(args), "rows": {}}
     for name in [] if args.render_only else wanted:
+        with store_lock(store_path):
+            current = json.loads(store_path.read_text()) if store_path.exists() else {}
+        if current.get("settings") == store["settings"] and name in current["rows"]:
+            store["rows"][name] = current["rows"][name]
         if name in store["rows"]:
             print(f"{name}: stored, skipped", flush=True)
             continue
         print(f"== {name}", flush=True)
-        row_out = store_path.with_name(f".row-{name}.json")
+        row_out = store_path.with_name(f".row-{name}-{os.getpid()}.json")
         cmd = [sys.executable, __file__, "--run-row", name, "--row-out", str(row_out)] + child_flags(args)
         subprocess.run(cmd, check=True, env=os.environ)
-        store["rows"][name] = json.loads(row_out.read_text())
+        row = json.loads(row_out.read_text())
+        with store_lock(store_path):
+            # Another invocation may have stored rows meanwhile: keep them, add ours.
+            current = json.loads(store_path.read_text()) if store_path.exists() else {}
+            if current.get("settings") == store["settings"]:
+                store["rows"] = {**current["rows"], **store["rows"]}
+            store["rows"][name] = row
+            write_atomic(store_path, json.dumps(store, indent=1))
         row_out.unlink()
-        write_atomic(store_path, json.dumps(store, indent=1))
         write_atomic(Path(args.out), page(store, store_path, wanted, args.also))
         print(json.dumps(store["rows"][name]), flush=True)
     write_atomic(Path(args.out), page(store, store_path, wanted, args.also))
