@@ -296,9 +296,59 @@ def main() -> None:
     print(page(store, store_path, wanted, args.also))
 
 
+def plot(store: dict, path: Path) -> bool:
+    """Grouped bars of the main table: LAMBADA accuracy and the last word's perplexity per weight setting,
+    one bar per method, float as a line. False (nothing written) when no quantized main row is stored."""
+    rows = store["rows"]
+    methods = [("rtn", "RTN"), ("rtn-nt", "RTN + NT"), ("gptq", "GPTQ"), ("gptq-nt", "GPTQ + NT"),
+               ("gptq-nt-order=after", "GPTQ + NT post-step"),
+               ("gptq-nt-order=after-lr=0.001", "GPTQ + NT post-step, lr0 1e-3")]
+    configs = list(CONFIGS)
+
+    def name(m: str, c: str) -> str:
+        head, _, tail = m.partition("-")
+        return f"{head}-{c}" + (f"-{tail}" if tail else "")
+
+    methods = [(m, lbl) for m, lbl in methods if any(name(m, c) in rows for c in configs)]
+    if not methods:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(methods)
+    for ax, key, title, log in ((axes[0], "lambada_acc", "LAMBADA accuracy (5153 passages)", False),
+                                (axes[1], "lambada_ppl", "LAMBADA last-word perplexity", True)):
+        for k, (m, lbl) in enumerate(methods):
+            xs = [i + (k - (len(methods) - 1) / 2) * width for i, c in enumerate(configs) if name(m, c) in rows]
+            ys = [rows[name(m, c)][key] for c in configs if name(m, c) in rows]
+            ax.bar(xs, ys, width, label=lbl)
+        if "float" in rows:
+            ax.axhline(rows["float"][key], color="k", ls="--", lw=1, label="float")
+        ax.set_xticks(range(len(configs)), [{"w4": "W4 per-channel", "w3g128": "W3 g128", "w2g64": "W2 g64"}[c]
+                                            for c in configs])
+        ax.set_title(title, fontsize=10)
+        if log:
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct: quantization with and without Norm Tweaking (missing bars: not measured)",
+                 fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
 def page(store: dict, store_path: Path, wanted: list[str], also: list[str]) -> str:
     """This store's table, then one section per further store (e.g. the SmoothQuant rows under results.md)."""
     text = render(store, store_path, wanted)
+    png = store_path.with_suffix(".png")
+    if any(parse_row(r).get("abits", 16) == 16 for r in store["rows"] if r != "float") and plot(store, png):
+        text += f"\n![LAMBADA accuracy and last-word perplexity per row]({png.name})\n"
     for path in map(Path, also):
         if path.exists() and path.resolve() != store_path.resolve():
             other = json.loads(path.read_text())
