@@ -113,8 +113,9 @@ def run_row(args) -> dict:
         nt.pipeline.quantize(model, calib, cfg, tweak)
         secs = time.perf_counter() - t0
     res = {"row": args.run_row, "quantize_s": secs}
-    lam = ev.lambada(model, tok, limit=args.lambada_limit)
+    lam = ev.lambada(model, tok, limit=args.lambada_limit, per_passage=True)
     res["lambada_acc"], res["lambada_ppl"], res["lambada_n"] = lam["acc"], lam["ppl"], lam["n"]
+    res["lambada_correct"] = bits_to_hex(lam["correct"])
     res["ppl"] = ev.perplexity(model, tok, english_text("persuasion"), seqlen=512, max_chunks=args.ppl_windows)["ppl"]
     for task in [t for t in args.mc_tasks.split(",") if t]:
         r = ev.multiple_choice(model, tok, task, limit=args.mc_limit)
@@ -136,6 +137,28 @@ def store_lock(store_path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def bits_to_hex(bits: list[bool]) -> str:
+    """Per-passage results, packed: passage i is bit i % 4 of hex digit i // 4."""
+    return "".join(f"{sum(1 << j for j, b in enumerate(bits[i:i + 4]) if b):x}" for i in range(0, len(bits), 4))
+
+
+def hex_to_bits(text: str, n: int) -> list[bool]:
+    return [bool(int(text[i // 4], 16) >> (i % 4) & 1) for i in range(n)]
+
+
+def paired_cell(rows: dict, name: str) -> str:
+    """NT rows against the same weights without NT, passage by passage: "+gained/-lost (z)"."""
+    from normtweak.eval import paired_counts
+
+    base = name.split("-nt")[0]
+    r, b = rows[name], rows.get(base)
+    if base == name or b is None or "lambada_correct" not in r or "lambada_correct" not in b:
+        return ""
+    n = r["lambada_n"]
+    p = paired_counts(hex_to_bits(b["lambada_correct"], n), hex_to_bits(r["lambada_correct"], n))
+    return f"+{p['gained']}/-{p['lost']} (z {p['z']:+.1f})"
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -148,7 +171,9 @@ def render(store: dict, store_path: Path, wanted: list[str], heading: str = "# A
     rows = store["rows"]
     n = next((r["lambada_n"] for r in rows.values()), 0)
     limit = f", first {s['mc_limit']} questions" if s["mc_limit"] else ""
-    head = ["model", "weights", "LAMBADA acc", "LAMBADA ppl", "text ppl"] + tasks + ["quantize s", "peak RSS GiB"]
+    paired = any("lambada_correct" in r for r in rows.values())
+    head = ["model", "weights", "LAMBADA acc"] + (["vs no NT, paired"] if paired else []) + ["LAMBADA ppl", "text ppl"]
+    head += tasks + ["quantize s", "peak RSS GiB"]
     lines = [
         heading,
         "",
@@ -184,9 +209,14 @@ def render(store: dict, store_path: Path, wanted: list[str], heading: str = "# A
         r = rows.get(name)
         if r is None:
             continue
-        cells = list(label(name)) + [f"{r['lambada_acc']:.4f}", f"{r['lambada_ppl']:.2f}", f"{r['ppl']:.2f}"]
+        cells = list(label(name)) + [f"{r['lambada_acc']:.4f}"] + ([paired_cell(rows, name)] if paired else [])
+        cells += [f"{r['lambada_ppl']:.2f}", f"{r['ppl']:.2f}"]
         cells += [f"{r[t]:.4f}" for t in tasks] + [f"{r['quantize_s']:.0f}", f"{r['peak_rss_gib']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if paired:
+        lines += ["", "Paired: passages the NT row gets right and the same weights without NT get wrong (+), and the "
+                  "reverse (-); z = (+ - -) / sqrt(+ + -) (McNemar; |z| > 1.96 is unlikely to be noise). Only rows "
+                  "measured since per-passage results were stored have it."]
     if any(parse_row(r).get("abits", 16) < 16 for r in rows):
         lines += ["", "SmoothQuant rows: weights per output channel, symmetric, round-to-nearest (or GPTQ where the "
                   "row says so) on the smoothed weights; activations per-token dynamic symmetric (simulated); "

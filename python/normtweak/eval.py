@@ -49,8 +49,10 @@ def _hidden_and_head(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torc
 
 
 @torch.no_grad()
-def lambada(model, tokenizer, limit: Optional[int] = None, batch_size: int = 16, progress: bool = True) -> dict:
-    """{"acc", "ppl", "n"} over the first `limit` passages (all 5153 by default)."""
+def lambada(model, tokenizer, limit: Optional[int] = None, batch_size: int = 16, progress: bool = True,
+            per_passage: bool = False) -> dict:
+    """{"acc", "ppl", "n"} over the first `limit` passages (all 5153 by default); with `per_passage`, also
+    "correct": one bool per passage in file order (for paired comparisons of two models)."""
     items = []
     for ctx, cont in lambada_requests(limit):
         c = tokenizer(ctx, add_special_tokens=False).input_ids
@@ -60,7 +62,22 @@ def lambada(model, tokenizer, limit: Optional[int] = None, batch_size: int = 16,
     nll = -sum(ll for ll, _ in scored)
     ntok = sum(k for _, k in items)
     correct = sum(greedy for _, greedy in scored)
-    return {"acc": correct / len(items), "ppl": math.exp(nll / ntok), "n": len(items)}
+    out = {"acc": correct / len(items), "ppl": math.exp(nll / ntok), "n": len(items)}
+    if per_passage:
+        out["correct"] = [greedy for _, greedy in scored]
+    return out
+
+
+def paired_counts(a: list[bool], b: list[bool]) -> dict:
+    """Paired comparison of two models on the same passages: "gained" (b right, a wrong), "lost" (a right, b wrong)
+    and z = (gained - lost) / sqrt(gained + lost), McNemar's statistic as a signed normal score (|z| > 1.96: the
+    difference is unlikely to be noise at the 5% level)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired comparison needs the same passages: {len(a)} vs {len(b)} results")
+    gained = sum(1 for x, y in zip(a, b) if y and not x)
+    lost = sum(1 for x, y in zip(a, b) if x and not y)
+    z = (gained - lost) / math.sqrt(gained + lost) if gained + lost else 0.0
+    return {"gained": gained, "lost": lost, "z": z}
 
 
 @torch.no_grad()

@@ -131,3 +131,42 @@ def test_cli_smoothquant_w8a8_with_tweak(tiny_model_dir, tmp_path, capsys):
     assert cli.main(common + ["--out", str(static), "--format", "fake", "--act-static"]) == 0
     acts = json.loads((static / "config.json").read_text())["quantization_config"]["activations"]
     assert acts["scheme"] == "per-tensor static symmetric" and all(v > 0 for v in acts["scales"].values())
+
+
+def test_lambada_accuracy_is_greedy_last_word_match(tiny_model_dir, monkeypatch):
+    from normtweak import eval as ev
+    from normtweak.models import load_model
+
+    model, tok = load_model(str(tiny_model_dir))
+    reqs = ev.lambada_requests(6)
+    for i, (ctx, _) in enumerate(reqs[:4]):  # a random model gets real passages wrong: give some its own greedy word
+        with torch.no_grad():
+            g = model(input_ids=torch.tensor([tok(ctx, add_special_tokens=False).input_ids])).logits[0, -1].argmax()
+        word = tok.decode([int(g)])
+        if tok(word, add_special_tokens=False).input_ids == [int(g)]:
+            reqs[i] = (ctx, word)
+    monkeypatch.setattr(ev, "lambada_requests", lambda limit=None: reqs[:limit])
+    r = ev.lambada(model, tok, limit=6, batch_size=4, progress=False, per_passage=True)
+    assert r["n"] == 6 and len(r["correct"]) == 6
+    assert 1 <= sum(r["correct"]) < 6
+    nll, ntok = 0.0, 0
+    for (ctx, cont), right in zip(reqs, r["correct"]):  # direct: one passage at a time
+        c, w = tok(ctx, add_special_tokens=False).input_ids, tok(cont, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([c + w])).logits[0, len(c) - 1 : -1].float()
+        assert right == bool(torch.equal(logits.argmax(-1), torch.tensor(w)))
+        nll -= torch.log_softmax(logits, -1).gather(1, torch.tensor(w)[:, None]).sum().item()
+        ntok += len(w)
+    assert r["acc"] == sum(r["correct"]) / 6
+    assert r["ppl"] == pytest.approx(float(torch.exp(torch.tensor(nll / ntok))), rel=1e-4)
+
+
+def test_paired_counts():
+    from normtweak import eval as ev
+
+    a = [True, True, False, False, True]
+    b = [True, False, True, True, True]
+    assert ev.paired_counts(a, b) == {"gained": 2, "lost": 1, "z": pytest.approx(1 / 3**0.5)}
+    assert ev.paired_counts(a, a)["z"] == 0.0
+    with pytest.raises(ValueError, match="same passages"):
+        ev.paired_counts(a, b[:3])
