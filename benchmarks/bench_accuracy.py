@@ -116,6 +116,8 @@ def run_row(args) -> dict:
     lam = ev.lambada(model, tok, limit=args.lambada_limit, per_passage=True)
     res["lambada_acc"], res["lambada_ppl"], res["lambada_n"] = lam["acc"], lam["ppl"], lam["n"]
     res["lambada_correct"] = bits_to_hex(lam["correct"])
+    if args.lambada_only:
+        return res
     res["ppl"] = ev.perplexity(model, tok, english_text("persuasion"), seqlen=512, max_chunks=args.ppl_windows)["ppl"]
     for task in [t for t in args.mc_tasks.split(",") if t]:
         r = ev.multiple_choice(model, tok, task, limit=args.mc_limit)
@@ -274,6 +276,11 @@ def main() -> None:
                          "docs/results_smoothquant.json)")
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite --out from the stored rows (listing the wanted rows not yet measured); run nothing")
+    ap.add_argument("--backfill", action="store_true",
+                    help="for the wanted rows stored without per-passage LAMBADA results: quantize again, run "
+                         "LAMBADA only, and store the per-passage results if accuracy and perplexity reproduce the "
+                         "stored ones (rows run on one thread are deterministic)")
+    ap.add_argument("--lambada-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--run-row", help=argparse.SUPPRESS)
     ap.add_argument("--row-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -299,7 +306,9 @@ def main() -> None:
         if store.get("rows"):
             print(f"{store_path}: stored rows used other settings; starting a new table", flush=True)
         store = {"settings": settings(args), "rows": {}}
-    for name in [] if args.render_only else wanted:
+    if args.backfill:
+        backfill(args, store, store_path, wanted)
+    for name in [] if args.render_only or args.backfill else wanted:
         with store_lock(store_path):
             current = json.loads(store_path.read_text()) if store_path.exists() else {}
         if current.get("settings") == store["settings"] and name in current["rows"]:
@@ -371,6 +380,30 @@ def plot(store: dict, path: Path) -> bool:
     plt.close(fig)
     tmp.replace(path)
     return True
+
+
+def backfill(args, store: dict, store_path: Path, wanted: list[str]) -> None:
+    for name in wanted:
+        old = store["rows"].get(name)
+        if old is None or "lambada_correct" in old:
+            print(f"{name}: {'not stored' if old is None else 'has per-passage results'}, skipped", flush=True)
+            continue
+        print(f"== {name} (LAMBADA again, for per-passage results)", flush=True)
+        row_out = store_path.with_name(f".row-{name}-{os.getpid()}.json")
+        cmd = [sys.executable, __file__, "--run-row", name, "--row-out", str(row_out), "--lambada-only"]
+        subprocess.run(cmd + child_flags(args), check=True, env=os.environ)
+        new = json.loads(row_out.read_text())
+        row_out.unlink()
+        if new["lambada_acc"] != old["lambada_acc"] or abs(new["lambada_ppl"] / old["lambada_ppl"] - 1) > 1e-6:
+            raise SystemExit(f"{name}: LAMBADA did not reproduce (acc {new['lambada_acc']} vs stored "
+                             f"{old['lambada_acc']}, ppl {new['lambada_ppl']} vs {old['lambada_ppl']}); the stored "
+                             "row was measured with other code or threads: measure it again instead")
+        with store_lock(store_path):
+            current = json.loads(store_path.read_text())
+            current["rows"][name]["lambada_correct"] = new["lambada_correct"]
+            write_atomic(store_path, json.dumps(current, indent=1))
+        store["rows"][name]["lambada_correct"] = new["lambada_correct"]
+        print(f"{name}: per-passage results stored (accuracy {new['lambada_acc']:.4f} reproduced)", flush=True)
 
 
 def page(store: dict, store_path: Path, wanted: list[str], also: list[str]) -> str:
