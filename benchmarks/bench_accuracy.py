@@ -139,6 +139,20 @@ def store_lock(store_path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def stored_rows(store_path: Path, settings_: dict) -> dict:
+    """The rows on disk now, if they were measured with these settings (writes are atomic renames: no lock)."""
+    current = json.loads(store_path.read_text()) if store_path.exists() else {}
+    return current["rows"] if current.get("settings") == settings_ else {}
+
+
+def update_store(store: dict, store_path: Path, name: str, fields: dict) -> None:
+    """Merge `fields` into row `name` and write the store, keeping rows another invocation stored meanwhile."""
+    with store_lock(store_path):
+        store["rows"] = {**stored_rows(store_path, store["settings"]), **store["rows"]}
+        store["rows"][name] = {**store["rows"].get(name, {}), **fields}
+        write_atomic(store_path, json.dumps(store, indent=1))
+
+
 def bits_to_hex(bits: list[bool]) -> str:
     """Per-passage results, packed: passage i is bit i % 4 of hex digit i // 4."""
     return "".join(f"{sum(1 << j for j, b in enumerate(bits[i:i + 4]) if b):x}" for i in range(0, len(bits), 4))
@@ -309,10 +323,7 @@ def main() -> None:
     if args.backfill:
         backfill(args, store, store_path, wanted)
     for name in [] if args.render_only or args.backfill else wanted:
-        with store_lock(store_path):
-            current = json.loads(store_path.read_text()) if store_path.exists() else {}
-        if current.get("settings") == store["settings"] and name in current["rows"]:
-            store["rows"][name] = current["rows"][name]
+        store["rows"].update(stored_rows(store_path, store["settings"]))
         if name in store["rows"]:
             print(f"{name}: stored, skipped", flush=True)
             continue
@@ -320,19 +331,13 @@ def main() -> None:
         row_out = store_path.with_name(f".row-{name}-{os.getpid()}.json")
         cmd = [sys.executable, __file__, "--run-row", name, "--row-out", str(row_out)] + child_flags(args)
         subprocess.run(cmd, check=True, env=os.environ)
-        row = json.loads(row_out.read_text())
-        with store_lock(store_path):
-            # Another invocation may have stored rows meanwhile: keep them, add ours.
-            current = json.loads(store_path.read_text()) if store_path.exists() else {}
-            if current.get("settings") == store["settings"]:
-                store["rows"] = {**current["rows"], **store["rows"]}
-            store["rows"][name] = row
-            write_atomic(store_path, json.dumps(store, indent=1))
+        update_store(store, store_path, name, json.loads(row_out.read_text()))
         row_out.unlink()
         write_atomic(Path(args.out), page(store, store_path, wanted, args.also))
         print(json.dumps(store["rows"][name]), flush=True)
-    write_atomic(Path(args.out), page(store, store_path, wanted, args.also))
-    print(page(store, store_path, wanted, args.also))
+    text = page(store, store_path, wanted, args.also)
+    write_atomic(Path(args.out), text)
+    print(text)
 
 
 def plot(store: dict, path: Path) -> bool:
@@ -398,11 +403,7 @@ def backfill(args, store: dict, store_path: Path, wanted: list[str]) -> None:
             raise SystemExit(f"{name}: LAMBADA did not reproduce (acc {new['lambada_acc']} vs stored "
                              f"{old['lambada_acc']}, ppl {new['lambada_ppl']} vs {old['lambada_ppl']}); the stored "
                              "row was measured with other code or threads: measure it again instead")
-        with store_lock(store_path):
-            current = json.loads(store_path.read_text())
-            current["rows"][name]["lambada_correct"] = new["lambada_correct"]
-            write_atomic(store_path, json.dumps(current, indent=1))
-        store["rows"][name]["lambada_correct"] = new["lambada_correct"]
+        update_store(store, store_path, name, {"lambada_correct": new["lambada_correct"]})
         print(f"{name}: per-passage results stored (accuracy {new['lambada_acc']:.4f} reproduced)", flush=True)
 
 

@@ -61,10 +61,10 @@ def lambada(model, tokenizer, limit: Optional[int] = None, batch_size: int = 16,
     scored = loglikelihoods(model, tokenizer, items, batch_size, progress, desc="lambada", with_greedy=True)
     nll = -sum(ll for ll, _ in scored)
     ntok = sum(k for _, k in items)
-    correct = sum(greedy for _, greedy in scored)
-    out = {"acc": correct / len(items), "ppl": math.exp(nll / ntok), "n": len(items)}
+    right = [greedy for _, greedy in scored]
+    out = {"acc": sum(right) / len(items), "ppl": math.exp(nll / ntok), "n": len(items)}
     if per_passage:
-        out["correct"] = [greedy for _, greedy in scored]
+        out["correct"] = right
     return out
 
 
