@@ -398,11 +398,12 @@ def backfill(args, store: dict, store_path: Path, wanted: list[str]) -> None:
         cmd = [sys.executable, __file__, "--run-row", name, "--row-out", str(row_out), "--lambada-only"]
         subprocess.run(cmd + child_flags(args), check=True, env=os.environ)
         new = json.loads(row_out.read_text())
-        row_out.unlink()
         if new["lambada_acc"] != old["lambada_acc"] or abs(new["lambada_ppl"] / old["lambada_ppl"] - 1) > 1e-6:
             raise SystemExit(f"{name}: LAMBADA did not reproduce (acc {new['lambada_acc']} vs stored "
                              f"{old['lambada_acc']}, ppl {new['lambada_ppl']} vs {old['lambada_ppl']}); the stored "
-                             "row was measured with other code or threads: measure it again instead")
+                             "row was measured with other code or threads: measure it again instead. This run's "
+                             f"per-passage results are kept in {row_out}")
+        row_out.unlink()
         update_store(store, store_path, name, {"lambada_correct": new["lambada_correct"]})
         print(f"{name}: per-passage results stored (accuracy {new['lambada_acc']:.4f} reproduced)", flush=True)
 
