@@ -9,6 +9,7 @@ torch.Generator, so the caller's global RNG state is left alone.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import unicodedata
@@ -61,6 +62,11 @@ def language_token_ids(tokenizer, languages: Sequence[str] = DEFAULT_LANGUAGES) 
     return ids
 
 
+def _cache_keyword(model) -> str:
+    """The KV-cache argument (and output field) name: transformers 5.24 renamed `past_key_values` to `cache`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def generate_calibration(
     model,
@@ -82,14 +88,15 @@ def generate_calibration(
     out = torch.empty(n, seqlen, dtype=torch.long)
     from tqdm.auto import tqdm
 
+    cache_kw = _cache_keyword(model)
     bar = tqdm(total=n * (seqlen - 1), desc="generating calibration", unit="tok", disable=not progress)
     for b0 in range(0, n, batch_size):
         ids = first[b0 : b0 + batch_size].unsqueeze(1)
         past = None
         cur = ids
         for t in range(1, seqlen):
-            res = model(input_ids=cur, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = model(input_ids=cur, use_cache=True, **{cache_kw: past})
+            past = getattr(res, cache_kw)
             logits = res.logits[:, -1, :].float()
             if t <= greedy_tokens:
                 nxt = logits.argmax(-1, keepdim=True)

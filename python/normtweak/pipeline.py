@@ -145,6 +145,7 @@ def capture_block_inputs(model, calib: torch.Tensor) -> tuple[list[torch.Tensor]
                 pass
     finally:
         h.remove()
+    kwargs.pop("cache", None)  # transformers >= 5.24
     kwargs.pop("past_key_values", None)
     kwargs.pop("past_key_value", None)
     kwargs.pop("layer_past", None)
