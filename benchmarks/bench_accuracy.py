@@ -45,8 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"w4": (4, -1), "w3g128": (3, 128), "w2g64": (2, 64)}
 # Weight-activation settings (weights per channel; activations per token): SmoothQuant's rows.
 ACT_CONFIGS = {"w8a8": (8, -1, 8), "w4a8": (4, -1, 8), "w4a4": (4, -1, 4)}
-METHODS = {"rtn": ("rtn", "rtn"), "gptq": ("gptq", "gptq"), "sq": ("smoothquant", "rtn"),
-           "sqgptq": ("smoothquant", "gptq")}
+# name -> (method, weight quantizer, clipping search on the weight grid)
+METHODS = {"rtn": ("rtn", "rtn", False), "gptq": ("gptq", "gptq", False), "sq": ("smoothquant", "rtn", False),
+           "sqgptq": ("smoothquant", "gptq", False), "gptqmse": ("gptq", "gptq", True)}
 MAIN_ROWS = ["float"] + [f"{m}-{c}{t}" for c in CONFIGS for m in ("rtn", "gptq") for t in ("", "-nt")]
 ABLATION_ROWS = ["gptq-w3g128-nt-loss=mse", "gptq-w3g128-nt-loss=kl", "gptq-w3g128-nt-passes=2",
                  "gptq-w3g128-nt-passes=5"]
@@ -66,8 +67,8 @@ def parse_row(name: str) -> dict:
         raise SystemExit(f"row {name!r}: expected float or ({'|'.join(METHODS)})-({'|'.join(configs)})"
                          "[-nt[-key=value...]]")
     bits, gs, abits = configs[parts[1]]
-    method, weights = METHODS[parts[0]]
-    row = {"method": method, "weight_method": weights, "bits": bits, "group_size": gs, "abits": abits,
+    method, weights, mse = METHODS[parts[0]]
+    row = {"method": method, "weight_method": weights, "mse": mse, "bits": bits, "group_size": gs, "abits": abits,
            "tweak": None, "label": parts[0]}
     if len(parts) > 2:
         if parts[2] != "nt":
@@ -105,7 +106,8 @@ def run_row(args) -> dict:
     if spec["method"] != "float":
         calib = cached_calibration(model, tok, args.calib, args.nsamples, args.seqlen)
         cfg = nt.GPTQConfig(bits=spec["bits"], group_size=spec["group_size"], method=spec["method"], sym=args.sym,
-                            act_order=args.act_order, abits=spec["abits"], weight_method=spec["weight_method"])
+                            act_order=args.act_order, abits=spec["abits"], weight_method=spec["weight_method"],
+                            mse=spec["mse"])
         tweak = None
         if spec["tweak"] is not None:
             tweak = nt.TweakConfig(**{"lr": args.tweak_lr, "scale": args.tweak_scale, **spec["tweak"]})
@@ -215,7 +217,7 @@ def render(store: dict, store_path: Path, wanted: list[str], heading: str = "# A
         if spec["abits"] < 16:
             w = f"W{spec['bits']}A{spec['abits']}"
         model = {"rtn": "RTN", "gptq": "GPTQ", "sq": "SmoothQuant (RTN weights)",
-                 "sqgptq": "SmoothQuant (GPTQ weights)"}[spec["label"]]
+                 "sqgptq": "SmoothQuant (GPTQ weights)", "gptqmse": "GPTQ, clip search"}[spec["label"]]
         if spec["tweak"] is not None:
             model += " + NT" + "".join(f", {k} {v}" for k, v in spec["tweak"].items())
         return model, w

@@ -107,8 +107,8 @@ def cmd_quantize(args) -> int:
         except ValueError:
             raise ValueError(f"--alpha {args.alpha!r} is not a number in [0, 1] or 'search'") from None
     cfg = GPTQConfig(bits=args.wbits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
-                     method=args.method, abits=args.abits, alpha=alpha, weight_method=args.weight_method,
-                     act_static=args.act_static, smooth_linear=args.smooth_linear)
+                     mse=args.clip_search, method=args.method, abits=args.abits, alpha=alpha,
+                     weight_method=args.weight_method, act_static=args.act_static, smooth_linear=args.smooth_linear)
     if cfg.abits < 16 and args.format == "gptq":
         raise ValueError(f"--abits {cfg.abits} quantizes activations, which the GPTQ format cannot record; "
                          "add --format fake")
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sym", dest="sym", action="store_true", default=True)
     g.add_argument("--asym", dest="sym", action="store_false")
     q.add_argument("--act-order", action="store_true")
+    q.add_argument("--clip-search", action="store_true",
+                   help="shrink each group's [min, max] range to the one with the smallest weight error before "
+                        "quantizing (reference GPTQ's and GPTQModel's `mse` option; helps most at 2-3 bits)")
     q.add_argument("--tweak", action="store_true", help="tweak the norms after quantizing each block")
     _add_tweak_args(q)
     _add_calib_args(q)

@@ -31,6 +31,26 @@ def test_quantize_with_report_then_eval(tiny_model_dir, tmp_path, capsys):
     assert res["ppl:persuasion"]["n"] == 2 * 511 and res["ppl:persuasion"]["ppl"] > 1
 
 
+def test_clip_search_only_shrinks_the_ranges(tiny_model_dir, tmp_path):
+    """--clip-search reaches the quantizer: RTN keeps the same groups, and each group's range can only shrink
+    (the search starts at the full [min, max]), so every scale is <= the plain one and some are smaller."""
+    from safetensors.torch import load_file
+
+    scales = {}
+    for flag in ([], ["--clip-search"]):
+        out = tmp_path / ("clip" if flag else "plain")
+        rc = cli.main(["quantize", "--model", str(tiny_model_dir), "--out", str(out), "--method", "rtn", "--wbits",
+                       "2", "--group-size", "32", "--asym", "--calib", "text:emma", "--nsamples", "2", "--seqlen",
+                       "16", "--no-checkpoint"] + flag)
+        assert rc == 0
+        sd = load_file(str(out / "model.safetensors"))
+        scales[bool(flag)] = {k: v.float() for k, v in sd.items() if k.endswith(".scales")}
+    assert scales[True].keys() == scales[False].keys() and scales[True]
+    for k, plain in scales[False].items():
+        assert (scales[True][k] <= plain * (1 + 1e-3)).all(), k
+    assert any((scales[True][k] < scales[False][k] * 0.999).any() for k in scales[False])
+
+
 def test_cli_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     rc = cli.main(["quantize", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert rc == 2
