@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import re
 import unicodedata
 from pathlib import Path
@@ -160,7 +161,7 @@ def cached_calibration(model, tokenizer, source: str = "generate", n: int = 128,
                 return ids
         ids = generate_calibration(model, tokenizer, n=n, seqlen=seqlen, seed=seed, progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes may fill the cache at once
         torch.save(ids, tmp)
         tmp.replace(path)
         return ids

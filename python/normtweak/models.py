@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -197,10 +198,10 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
                 model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
             except Exception as e:  # transformers raises many types for a bad file
                 raise ValueError(f"{gguf} could not be read as a GGUF model: {e}") from e
-            tmp = target.with_name(target.name + ".tmp")
+            # A temporary name of this process's own: two processes filling an empty cache at once (two benchmark
+            # rows) must not write into or delete each other's folder.
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
             if tmp.exists():
-                import shutil
-
                 shutil.rmtree(tmp)
             # transformers marks GGUF-loaded models as quantized and refuses to save
             # them; the weights are plain floats, so move them into a fresh model.
@@ -211,7 +212,12 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
             fresh.load_state_dict(model.state_dict())
             fresh.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            tmp.rename(target)
+            try:
+                tmp.rename(target)
+            except OSError:  # another process finished first: its copy is the same
+                if not (target / "config.json").exists():
+                    raise
+                shutil.rmtree(tmp)
         name_or_path = str(target)
     path = Path(name_or_path)
     if not (path / "config.json").exists():
