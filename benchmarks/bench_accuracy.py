@@ -45,9 +45,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"w4": (4, -1), "w3g128": (3, 128), "w2g64": (2, 64)}
 # Weight-activation settings (weights per channel; activations per token): SmoothQuant's rows.
 ACT_CONFIGS = {"w8a8": (8, -1, 8), "w4a8": (4, -1, 8), "w4a4": (4, -1, 4)}
-# name -> (method, weight quantizer, clipping search on the weight grid)
-METHODS = {"rtn": ("rtn", "rtn", False), "gptq": ("gptq", "gptq", False), "sq": ("smoothquant", "rtn", False),
-           "sqgptq": ("smoothquant", "gptq", False), "gptqmse": ("gptq", "gptq", True)}
+# row prefix -> (method, weight quantizer, clipping search on the weight grid, name in the table)
+METHODS = {"rtn": ("rtn", "rtn", False, "RTN"), "gptq": ("gptq", "gptq", False, "GPTQ"),
+           "sq": ("smoothquant", "rtn", False, "SmoothQuant (RTN weights)"),
+           "sqgptq": ("smoothquant", "gptq", False, "SmoothQuant (GPTQ weights)"),
+           "gptqmse": ("gptq", "gptq", True, "GPTQ, clip search")}
 MAIN_ROWS = ["float"] + [f"{m}-{c}{t}" for c in CONFIGS for m in ("rtn", "gptq") for t in ("", "-nt")]
 ABLATION_ROWS = ["gptq-w3g128-nt-loss=mse", "gptq-w3g128-nt-loss=kl", "gptq-w3g128-nt-passes=2",
                  "gptq-w3g128-nt-passes=5"]
@@ -67,9 +69,9 @@ def parse_row(name: str) -> dict:
         raise SystemExit(f"row {name!r}: expected float or ({'|'.join(METHODS)})-({'|'.join(configs)})"
                          "[-nt[-key=value...]]")
     bits, gs, abits = configs[parts[1]]
-    method, weights, mse = METHODS[parts[0]]
+    method, weights, mse, label = METHODS[parts[0]]
     row = {"method": method, "weight_method": weights, "mse": mse, "bits": bits, "group_size": gs, "abits": abits,
-           "tweak": None, "label": parts[0]}
+           "tweak": None, "label": label}
     if len(parts) > 2:
         if parts[2] != "nt":
             raise SystemExit(f"row {name!r}: the third part must be 'nt'")
@@ -216,8 +218,7 @@ def render(store: dict, store_path: Path, wanted: list[str], heading: str = "# A
         w = f"W{spec['bits']} " + ("per-channel" if spec["group_size"] < 0 else f"g{spec['group_size']}")
         if spec["abits"] < 16:
             w = f"W{spec['bits']}A{spec['abits']}"
-        model = {"rtn": "RTN", "gptq": "GPTQ", "sq": "SmoothQuant (RTN weights)",
-                 "sqgptq": "SmoothQuant (GPTQ weights)", "gptqmse": "GPTQ, clip search"}[spec["label"]]
+        model = spec["label"]
         if spec["tweak"] is not None:
             model += " + NT" + "".join(f", {k} {v}" for k, v in spec["tweak"].items())
         return model, w

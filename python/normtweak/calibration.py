@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import re
 import unicodedata
 from pathlib import Path
@@ -150,7 +149,7 @@ def cached_calibration(model, tokenizer, source: str = "generate", n: int = 128,
     text, or a file path); generated calibration is cached on disk, keyed by the model (its config and a sample of its
     embedding), n, seqlen and seed."""
     if source == "generate":
-        from .models import cache_dir, model_fingerprint
+        from .models import cache_dir, model_fingerprint, save_atomic
 
         key = f"{model.config.model_type}-{model_fingerprint(model)[:12]}-n{n}-len{seqlen}-seed{seed}"
         path = cache_dir() / "calibration" / f"{key}.pt"
@@ -161,9 +160,7 @@ def cached_calibration(model, tokenizer, source: str = "generate", n: int = 128,
                 return ids
         ids = generate_calibration(model, tokenizer, n=n, seqlen=seqlen, seed=seed, progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes may fill the cache at once
-        torch.save(ids, tmp)
-        tmp.replace(path)
+        save_atomic(ids, path)
         return ids
     if source.startswith("text:"):
         from .corpora import english_text

@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 
+from .models import save_atomic
+
 log = logging.getLogger("normtweak")
 
 
@@ -38,12 +40,6 @@ def fingerprint(model, calib: torch.Tensor, config, tweak) -> dict:
         "tweak": asdict(tweak) if tweak is not None else None,
         "threads": torch.get_num_threads(),
     }
-
-
-def _save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 class BlockCheckpoint:
@@ -76,9 +72,9 @@ class BlockCheckpoint:
                  if getattr(mod, "_normtweak_quant", None) is not None}
         acts = {name: (mod._normtweak_abits, mod._normtweak_act_scale) for name, mod in block.named_modules()
                 if getattr(mod, "_normtweak_abits", 16) < 16}
-        _save({"state": block.state_dict(), "quant": quant, "acts": acts, "stats": stats},
+        save_atomic({"state": block.state_dict(), "quant": quant, "acts": acts, "stats": stats},
               self.folder / f"block_{index:04d}.pt")
-        _save({"next": index + 1, "inputs": next_inputs}, self.folder / "inputs.pt")
+        save_atomic({"next": index + 1, "inputs": next_inputs}, self.folder / "inputs.pt")
 
     def restore(self, layers) -> tuple[int, Optional[list[torch.Tensor]], list[dict]]:
         """Load the completed blocks into `layers`; (first block to run, its inputs, the restored stats)."""

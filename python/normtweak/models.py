@@ -163,6 +163,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NORMTWEAK_CACHE", Path.home() / ".cache" / "normtweak"))
 
 
+def save_atomic(obj, path: Path) -> None:
+    """torch.save into a temporary name of this process's own, then rename: a reader never sees half a file, and
+    two processes writing the same path (two benchmark rows filling one cache) never share a temporary file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
 def _bundled_gguf(name: str) -> Path:
     pkg, fname = BUNDLED[name]
     spec = importlib.util.find_spec(pkg)
