@@ -13,6 +13,12 @@ docs/results.md.
         --sym --lambada-limit 500 --ppl-windows 10 --mc-tasks "" --store docs/results_smoothquant.json \
         --out docs/results_smoothquant.md
 
+One row alone, with its per-passage LAMBADA results, and rows paired passage by passage (McNemar):
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_accuracy.py \
+        --run-row gptqmse-w3g128-nt --row-out docs/runs/ROW.json --no-sym --mc-tasks ""
+    .venv/bin/python benchmarks/bench_accuracy.py --pair docs/runs/BASE.json docs/runs/ROW.json ...
+
 results.md also carries the SmoothQuant store's table as a section. Run each
 row process on one thread (OMP_NUM_THREADS=1) when two benchmarks share the 2
 cores: two 2-thread processes on 2 cores ran 3-5x slower than one thread each.
@@ -179,6 +185,28 @@ def paired_cell(rows: dict, name: str) -> str:
     return f"+{p['gained']}/-{p['lost']} (z {p['z']:+.1f})"
 
 
+def pair_table(rows: list[dict]) -> str:
+    """Rows written by --run-row, as a markdown table; each row after the first is paired against the first."""
+    from normtweak.eval import paired_counts
+
+    base = rows[0]
+    n = base["lambada_n"]
+    lines = ["| row | LAMBADA acc (passages) | vs first, paired | last-word ppl | text ppl | quantize s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["lambada_n"] != n:
+            raise SystemExit(f"row {r['row']} has {r['lambada_n']} passages, {base['row']} {n}: not pairable")
+        pair = ""
+        if r is not base:
+            p = paired_counts(hex_to_bits(base["lambada_correct"], n), hex_to_bits(r["lambada_correct"], n))
+            pair = f"+{p['gained']}/-{p['lost']} (z {p['z']:+.1f})"
+        right = sum(hex_to_bits(r["lambada_correct"], n))
+        ppl = f"{r['ppl']:.2f}" if "ppl" in r else ""
+        lines.append(f"| `{r['row']}` | {r['lambada_acc']:.4f} ({right}) | {pair} | {r['lambada_ppl']:.2f} | {ppl} | "
+                     f"{r['quantize_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -298,9 +326,18 @@ def main() -> None:
                          "LAMBADA only, and store the per-passage results if accuracy and perplexity reproduce the "
                          "stored ones (rows run on one thread are deterministic)")
     ap.add_argument("--lambada-only", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--run-row", help=argparse.SUPPRESS)
-    ap.add_argument("--row-out", help=argparse.SUPPRESS)
+    ap.add_argument("--run-row", metavar="ROW",
+                    help="run this one row in this process and write its results (with per-passage LAMBADA "
+                         "results) to --row-out instead of the store")
+    ap.add_argument("--row-out", metavar="PATH", help="where --run-row writes its JSON")
+    ap.add_argument("--pair", nargs="+", metavar="ROW_JSON",
+                    help="print the rows that --run-row wrote, each paired passage by passage with the first")
     args = ap.parse_args()
+    if args.pair:
+        print(pair_table([json.loads(Path(p).read_text()) for p in args.pair]))
+        return
+    if args.run_row and not args.row_out:
+        ap.error("--run-row needs --row-out")
     if args.also is None:
         default = Path(args.store).resolve() == (ROOT / "docs" / "results.json").resolve()
         args.also = [str(ROOT / "docs" / "results_smoothquant.json")] if default else []
