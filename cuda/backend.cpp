@@ -377,10 +377,11 @@ double channel_dist_loss(const TensorView& f, const TensorView& q, DistLoss kind
     g = grad_q->data_as<float>();
   }
   std::vector<double> terms;
-  if (kind == DistLoss::dist) {
+  if (kind == DistLoss::dist || kind == DistLoss::reldist) {
     DeviceBuffer<double> term(C, s);
     DeviceBuffer<float> a(C, s), b(C, s), mu(C, s);
-    DistLossParams p{f.data_as<const float>(), q.data_as<const float>(), g, term.get(), a.get(), b.get(), mu.get(), T, C};
+    DistLossParams p{f.data_as<const float>(), q.data_as<const float>(), g, term.get(), a.get(), b.get(), mu.get(),
+                     T, C, kind == DistLoss::reldist};
     check_launch(launch_dist_loss(p, s), "distribution loss");
     to_host(terms, term.get(), C, s);
     NT_CU(cudaStreamSynchronize(s));

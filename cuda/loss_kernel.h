@@ -9,6 +9,8 @@
 // centred variance, both in double), the channel's loss term and a, b.
 // Kernel 2, a grid-stride loop over elements: the gradient. The caller sums
 // the C loss terms (a device reduction or C doubles copied back).
+// reldist (relative = true) divides channel c's two terms, and a and b, by
+// sqrt(v_c) and v_c, v_c = var_f^c + kRelDistVarFloor.
 // MSE and KL (the paper's Table 9 ablation) have element- and row-wise bodies.
 #pragma once
 
@@ -28,6 +30,7 @@ struct DistLossParams {
   float* b;          // [C]
   float* mu_q;       // [C]
   std::int64_t T, C;
+  bool relative = false;  // reldist: channel c's terms divided by sqrt(v_c) and v_c, v_c = var_f^c + floor
 };
 
 NT_HOST_DEVICE inline double sign_d(double x) { return static_cast<double>((x > 0.0) - (x < 0.0)); }
@@ -48,10 +51,12 @@ NT_HOST_DEVICE inline void dist_loss_channel(const DistLossParams& p, std::int64
   }
   vf /= static_cast<double>(p.T);
   vq /= static_cast<double>(p.T);
-  p.term[c] = fabs(mf - mq) + fabs(vf - vq);
+  const double v = vf + kRelDistVarFloor;
+  const double sm = p.relative ? 1.0 / sqrt(v) : 1.0, sv = p.relative ? 1.0 / v : 1.0;
+  p.term[c] = sm * fabs(mf - mq) + sv * fabs(vf - vq);
   const double ct = static_cast<double>(p.C) * static_cast<double>(p.T);
-  p.a[c] = static_cast<float>(sign_d(mq - mf) / ct);
-  p.b[c] = static_cast<float>(sign_d(vq - vf) * 2.0 / ct);
+  p.a[c] = static_cast<float>(sm * sign_d(mq - mf) / ct);
+  p.b[c] = static_cast<float>(sv * sign_d(vq - vf) * 2.0 / ct);
   p.mu_q[c] = static_cast<float>(mq);
 }
 

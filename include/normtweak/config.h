@@ -22,3 +22,8 @@
 #else
 #define NT_HOST_DEVICE
 #endif
+
+namespace normtweak {
+// The "reldist" loss's floor under each channel's float variance (channel_dist_loss.h; the CPU and CUDA paths).
+inline constexpr double kRelDistVarFloor = 1e-6;
+}  // namespace normtweak

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .tweak import LOSSES
+
 log = logging.getLogger("normtweak")
 
 
@@ -20,7 +22,9 @@ def _add_tweak_args(p: argparse.ArgumentParser) -> None:
                         "held-out calibration samples (lowest KL to the float model wins)")
     p.add_argument("--tweak-scale", type=float, default=5.0, help="lr_i = lr0 * (1 + scale * i / L)")
     p.add_argument("--tweak-passes", type=int, default=1, help="passes over the calibration set")
-    p.add_argument("--loss", choices=("dist", "mse", "kl"), default="dist")
+    p.add_argument("--loss", choices=LOSSES, default="dist",
+                   help="dist: the paper's eq. 2; reldist: eq. 2 per channel in units of the float channel's spread; "
+                        "mse, kl: the paper's Table 9 ablation")
     p.add_argument("--tweak-order", choices=("walk", "after"), default="walk",
                    help="walk: tweak each block right after quantizing it (paper, Algorithm 1); after: quantize "
                         "all blocks first, then tweak (keeps a float copy of the model; see docs/findings.md)")

@@ -19,6 +19,9 @@ from .core import _stream
 log = logging.getLogger("normtweak")
 
 
+LOSSES = ("dist", "reldist", "mse", "kl")
+
+
 @dataclass
 class TweakConfig:
     """Norm Tweaking settings.
@@ -26,7 +29,9 @@ class TweakConfig:
     lr: lr0 of eq. 3 (the paper grid-searches it, starting at 1e-5).
     scale: eq. 3's step increase across blocks, lr_i = lr0 * (1 + scale * i / L).
     passes: passes over the calibration set (the paper's Table 6: 1 is best).
-    loss: "dist" (eq. 2), "mse" or "kl" (Table 9 ablation).
+    loss: "dist" (eq. 2), "mse" or "kl" (Table 9 ablation), or "reldist": eq. 2 with each
+        channel's terms in units of its float standard deviation and variance, so a few
+        channels of very large variance do not outweigh the rest (docs/findings.md).
     batch_size: calibration samples per Adam step.
     rollback: keep a block's original norms when tweaking did not lower the
         loss (on the held-out samples when `holdout` > 0, else on the calibration batches).
@@ -69,8 +74,8 @@ class TweakConfig:
             raise ValueError(f"tweak scale={self.scale} must be non-negative (--tweak-scale)")
         if self.passes < 1:
             raise ValueError(f"tweak passes={self.passes} must be at least 1 (--tweak-passes)")
-        if self.loss not in ("dist", "mse", "kl"):
-            raise ValueError(f"loss={self.loss!r} is not one of dist, mse, kl (--loss)")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} is not one of {', '.join(LOSSES)} (--loss)")
         if self.batch_size < 1:
             raise ValueError(f"tweak batch_size={self.batch_size} must be at least 1")
 

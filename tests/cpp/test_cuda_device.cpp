@@ -94,7 +94,7 @@ TEST_CASE("norm backward and the loss on the GPU match the CPU", "[cuda][gpu]") 
   for (std::int64_t c = 0; c < C; ++c) CHECK(std::abs(gdw[c] - dw[c]) <= tol::cuda_norm_rel * (std::abs(dw[c]) + 1e-3));
 
   Dev<float> yd(y.data(), T * C), gq(T * C);
-  for (DistLoss kind : {DistLoss::dist, DistLoss::mse, DistLoss::kl}) {
+  for (DistLoss kind : {DistLoss::dist, DistLoss::reldist, DistLoss::mse, DistLoss::kl}) {
     const double cpu = channel_dist_loss(TensorView::of(x.data(), {T, C}), TensorView::of(y.data(), {T, C}), kind);
     const TensorView g = gq.view({T, C});
     const double gpu = channel_dist_loss(xd.view({T, C}), yd.view({T, C}), kind, &g);

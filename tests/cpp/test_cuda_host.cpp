@@ -144,15 +144,16 @@ TEST_CASE("loss kernel bodies reproduce channel_dist_loss (dist, mse, kl)", "[cu
   const MatF noise = realistic_activations(static_cast<int>(T), static_cast<int>(C), 8);
   q += 0.05f * noise;
   const auto fv = TensorView::of(f.data(), {T, C}), qv = TensorView::of(q.data(), {T, C});
-  for (DistLoss kind : {DistLoss::dist, DistLoss::mse, DistLoss::kl}) {
+  for (DistLoss kind : {DistLoss::dist, DistLoss::reldist, DistLoss::mse, DistLoss::kl}) {
     std::vector<float> g(T * C), kg(T * C, -1.f);
     const auto gv = TensorView::of(g.data(), {T, C});
     const double loss = channel_dist_loss(fv, qv, kind, &gv);
     double kloss = 0.0;
-    if (kind == DistLoss::dist) {
+    if (kind == DistLoss::dist || kind == DistLoss::reldist) {
       std::vector<double> term(C);
       std::vector<float> a(C), b(C), mu(C);
-      cuda::DistLossParams p{f.data(), q.data(), kg.data(), term.data(), a.data(), b.data(), mu.data(), T, C};
+      cuda::DistLossParams p{f.data(), q.data(), kg.data(), term.data(), a.data(), b.data(), mu.data(), T, C,
+                             kind == DistLoss::reldist};
       for (std::int64_t c = 0; c < C; ++c) cuda::dist_loss_channel(p, c);
       for (std::int64_t i = 0; i < T * C; ++i) cuda::dist_loss_grad(p, i);
       for (double v : term) kloss += v;

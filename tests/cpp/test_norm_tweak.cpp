@@ -34,6 +34,10 @@ double dist_ref(const MatD& f, const MatD& q, DistLoss kind) {
   const Eigen::RowVectorXd mf = f.colwise().mean(), mq = q.colwise().mean();
   const Eigen::RowVectorXd vf = (f.rowwise() - mf).array().square().colwise().mean();
   const Eigen::RowVectorXd vq = (q.rowwise() - mq).array().square().colwise().mean();
+  if (kind == DistLoss::reldist) {  // each channel in units of its float spread
+    const Eigen::ArrayXXd v = vf.array() + kRelDistVarFloor;
+    return ((mf - mq).cwiseAbs().array() / v.sqrt() + (vf - vq).cwiseAbs().array() / v).sum() / C;
+  }
   return ((mf - mq).cwiseAbs() + (vf - vq).cwiseAbs()).sum() / C;
 }
 
@@ -62,7 +66,7 @@ TEST_CASE("ChannelDistLoss forward and backward match the reference twin", "[los
   std::mt19937 rng(2);
   std::normal_distribution<float> N(0.f, 0.05f);
   for (int i = 0; i < q.size(); ++i) q.data()[i] += N(rng) + 0.01f;  // a shifted, noisier copy
-  for (DistLoss kind : {DistLoss::dist, DistLoss::mse, DistLoss::kl}) {
+  for (DistLoss kind : {DistLoss::dist, DistLoss::reldist, DistLoss::mse, DistLoss::kl}) {
     CAPTURE(static_cast<int>(kind));
     MatF g(T, C);
     const TensorView gv = view(g);

@@ -37,7 +37,7 @@ def test_loss_and_norm_backward_on_cuda_match_the_cpu():
     f = realistic_activations(256, 96, seed=3)
     q = (f + 0.05 * realistic_activations(256, 96, seed=4)).requires_grad_()
     qc = q.detach().cuda().requires_grad_()
-    for kind in ("dist", "mse", "kl"):
+    for kind in ("dist", "reldist", "mse", "kl"):
         lc = channel_dist_loss(q, f, kind)
         lg = channel_dist_loss(qc, f.cuda(), kind)
         (gc,) = torch.autograd.grad(lc, q)

@@ -17,19 +17,20 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def dist_loss_torch(q, f):
+def dist_loss_torch(q, f, relative=False):
     mu_f, mu_q = f.mean(0), q.mean(0)
     var_f, var_q = f.var(0, unbiased=False), q.var(0, unbiased=False)
-    return ((mu_f - mu_q).abs() + (var_f - var_q).abs()).mean()
+    v = var_f + 1e-6 if relative else torch.ones_like(var_f)  # kRelDistVarFloor
+    return ((mu_f - mu_q).abs() / v.sqrt() + (var_f - var_q).abs() / v).mean()
 
 
-@pytest.mark.parametrize("kind", ["dist", "mse", "kl"])
+@pytest.mark.parametrize("kind", ["dist", "reldist", "mse", "kl"])
 def test_channel_dist_loss_matches_autograd(kind):
     f = realistic_activations(256, 48, seed=1) * 0.1
     q = f + 0.05 * torch.randn(f.shape, generator=torch.Generator().manual_seed(2)) + 0.01
     qd = q.double().requires_grad_()
-    if kind == "dist":
-        ref = dist_loss_torch(qd, f.double())
+    if kind in ("dist", "reldist"):
+        ref = dist_loss_torch(qd, f.double(), relative=kind == "reldist")
     elif kind == "mse":
         ref = ((qd - f.double()) ** 2).mean()
     else:
