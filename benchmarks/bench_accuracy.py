@@ -109,6 +109,7 @@ def run_row(args) -> dict:
 
     nt.set_num_threads(torch.get_num_threads())
     spec = parse_row(args.run_row)
+    held_text = None if args.lambada_only else english_text("persuasion")  # a missing corpus fails now, not in an hour
     model, tok = load_model("smollm2-135m")
     secs = 0.0
     if spec["method"] != "float":
@@ -128,7 +129,7 @@ def run_row(args) -> dict:
     res["lambada_correct"] = bits_to_hex(lam["correct"])
     if args.lambada_only:
         return res
-    res["ppl"] = ev.perplexity(model, tok, english_text("persuasion"), seqlen=512, max_chunks=args.ppl_windows)["ppl"]
+    res["ppl"] = ev.perplexity(model, tok, held_text, seqlen=512, max_chunks=args.ppl_windows)["ppl"]
     for task in [t for t in args.mc_tasks.split(",") if t]:
         r = ev.multiple_choice(model, tok, task, limit=args.mc_limit)
         res[task], res[task + "_norm"], res[task + "_n"] = r["acc"], r["acc_norm"], r["n"]
