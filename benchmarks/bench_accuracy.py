@@ -173,23 +173,26 @@ def hex_to_bits(text: str, n: int) -> list[bool]:
     return [bool(int(text[i // 4], 16) >> (i % 4) & 1) for i in range(n)]
 
 
-def paired_cell(rows: dict, name: str) -> str:
-    """NT rows against the same weights without NT, passage by passage: "+gained/-lost (z)"."""
+def paired_text(base: dict, row: dict) -> str:
+    """Two rows' per-passage LAMBADA results compared passage by passage: "+gained/-lost (z)"."""
     from normtweak.eval import paired_counts
 
+    n = row["lambada_n"]
+    p = paired_counts(hex_to_bits(base["lambada_correct"], n), hex_to_bits(row["lambada_correct"], n))
+    return f"+{p['gained']}/-{p['lost']} (z {p['z']:+.1f})"
+
+
+def paired_cell(rows: dict, name: str) -> str:
+    """NT rows against the same weights without NT, passage by passage: "+gained/-lost (z)"."""
     base = name.split("-nt")[0]
     r, b = rows[name], rows.get(base)
     if base == name or b is None or "lambada_correct" not in r or "lambada_correct" not in b:
         return ""
-    n = r["lambada_n"]
-    p = paired_counts(hex_to_bits(b["lambada_correct"], n), hex_to_bits(r["lambada_correct"], n))
-    return f"+{p['gained']}/-{p['lost']} (z {p['z']:+.1f})"
+    return paired_text(b, r)
 
 
 def pair_table(rows: list[dict]) -> str:
     """Rows written by --run-row, as a markdown table; each row after the first is paired against the first."""
-    from normtweak.eval import paired_counts
-
     base = rows[0]
     n = base["lambada_n"]
     lines = ["| row | LAMBADA acc (passages) | vs first, paired | last-word ppl | text ppl | quantize s |",
@@ -197,10 +200,7 @@ def pair_table(rows: list[dict]) -> str:
     for r in rows:
         if r["lambada_n"] != n:
             raise SystemExit(f"row {r['row']} has {r['lambada_n']} passages, {base['row']} {n}: not pairable")
-        pair = ""
-        if r is not base:
-            p = paired_counts(hex_to_bits(base["lambada_correct"], n), hex_to_bits(r["lambada_correct"], n))
-            pair = f"+{p['gained']}/-{p['lost']} (z {p['z']:+.1f})"
+        pair = "" if r is base else paired_text(base, r)
         right = sum(hex_to_bits(r["lambada_correct"], n))
         ppl = f"{r['ppl']:.2f}" if "ppl" in r else ""
         lines.append(f"| `{r['row']}` | {r['lambada_acc']:.4f} ({right}) | {pair} | {r['lambada_ppl']:.2f} | {ppl} | "

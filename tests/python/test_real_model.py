@@ -46,6 +46,7 @@ def test_tweaking_lowers_the_distribution_loss_on_held_out_text(smollm2_slice):
     model, tok, train_text, held_text = smollm2_slice
     half = len(train_text) // 2
     calib = text_calibration(tok, train_text[:half], n=64, seqlen=256, seed=0)
+    quantized = {}
     for method in ("gptq", "rtn"):
         plain = copy.deepcopy(model)
         nt.pipeline.quantize(plain, calib, nt.GPTQConfig(bits=3, group_size=128, act_order=True, method=method),
@@ -53,6 +54,8 @@ def test_tweaking_lowers_the_distribution_loss_on_held_out_text(smollm2_slice):
         tweaked = copy.deepcopy(plain)
         rep = nt.tweak(model, tweaked, calib, nt.TweakConfig(lr=1e-5, rollback=False), progress=False)
         assert all(b["tweak"]["loss_after"] < b["tweak"]["loss_before"] for b in rep.blocks), (method, rep.blocks)
+        quantized[method] = plain, tweaked
+    plain, tweaked = quantized["rtn"]
     for text in (train_text[half:], held_text):
         held = text_calibration(tok, text, n=8, seqlen=256, seed=1)
         f = block_outputs(model, held)
