@@ -93,8 +93,8 @@ def peak_rss_gib() -> float:
 
 
 def settings(args) -> dict:
-    return {k: getattr(args, k) for k in ("lambada_limit", "ppl_windows", "mc_limit", "calib", "nsamples", "seqlen",
-                                          "tweak_lr", "tweak_scale", "sym", "act_order", "mc_tasks")}
+    return {k: getattr(args, k) for k in ("lambada_limit", "ppl_windows", "mc_limit", "calib", "calib_seed", "nsamples",
+                                          "seqlen", "tweak_lr", "tweak_scale", "sym", "act_order", "mc_tasks")}
 
 
 def run_row(args) -> dict:
@@ -113,7 +113,7 @@ def run_row(args) -> dict:
     model, tok = load_model("smollm2-135m")
     secs = 0.0
     if spec["method"] != "float":
-        calib = cached_calibration(model, tok, args.calib, args.nsamples, args.seqlen)
+        calib = cached_calibration(model, tok, args.calib, args.nsamples, args.seqlen, seed=args.calib_seed)
         cfg = nt.GPTQConfig(bits=spec["bits"], group_size=spec["group_size"], method=spec["method"], sym=args.sym,
                             act_order=args.act_order, abits=spec["abits"], weight_method=spec["weight_method"],
                             mse=spec["mse"])
@@ -123,7 +123,7 @@ def run_row(args) -> dict:
         t0 = time.perf_counter()
         nt.pipeline.quantize(model, calib, cfg, tweak)
         secs = time.perf_counter() - t0
-    res = {"row": args.run_row, "quantize_s": secs}
+    res = {"row": args.run_row, "settings": settings(args), "quantize_s": secs}
     lam = ev.lambada(model, tok, limit=args.lambada_limit, per_passage=True)
     res["lambada_acc"], res["lambada_ppl"], res["lambada_n"] = lam["acc"], lam["ppl"], lam["n"]
     res["lambada_correct"] = bits_to_hex(lam["correct"])
@@ -308,6 +308,9 @@ def main() -> None:
     ap.add_argument("--mc-tasks", default="piqa,arc_easy")
     ap.add_argument("--mc-limit", type=int, default=None)
     ap.add_argument("--calib", default="generate", help="generate, or text:NAME (an English text, e.g. text:emma)")
+    ap.add_argument("--calib-seed", type=int, default=0,
+                    help="seed of the calibration draw (generation or text windows); rows with other seeds "
+                         "measure how much a result owes to one calibration set")
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--tweak-lr", type=float, default=1e-5)
