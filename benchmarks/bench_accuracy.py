@@ -208,6 +208,32 @@ def pair_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def draws_table(files: list[str]) -> str:
+    """BASE ROW pairs of --run-row files, one pair per calibration draw, as a markdown table: each draw paired
+    passage by passage, then the difference averaged over the draws (normtweak.eval.paired_over_draws)."""
+    from normtweak.eval import paired_over_draws
+
+    if len(files) % 2:
+        raise SystemExit(f"--pair-draws takes BASE ROW pairs; got {len(files)} files")
+    rows = [json.loads(Path(p).read_text()) for p in files]
+    pairs = list(zip(rows[::2], rows[1::2]))
+    n = rows[0]["lambada_n"]
+    for r in rows:
+        if r["lambada_n"] != n:
+            raise SystemExit(f"row {r['row']} has {r['lambada_n']} passages, {rows[0]['row']} {n}: not pairable")
+    lines = [f"| calibration | `{pairs[0][0]['row']}` passages | `{pairs[0][1]['row']}` passages | paired |",
+             "|---|---:|---:|---:|"]
+    bits = []
+    for (b, r), path in zip(pairs, files[1::2]):
+        s = r.get("settings", {})
+        label = f"{s['nsamples']} x {s['seqlen']}, seed {s['calib_seed']}" if s else Path(path).stem
+        bits.append((hex_to_bits(b["lambada_correct"], n), hex_to_bits(r["lambada_correct"], n)))
+        lines.append(f"| {label} | {sum(bits[-1][0])} | {sum(bits[-1][1])} | {paired_text(b, r)} |")
+    m = paired_over_draws(bits)
+    lines.append(f"| mean over {m['draws']} draws | | | {m['diff']:+.1f} +- {m['se']:.1f} passages (z {m['z']:+.1f}) |")
+    return "\n".join(lines)
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -336,7 +362,13 @@ def main() -> None:
     ap.add_argument("--row-out", metavar="PATH", help="where --run-row writes its JSON")
     ap.add_argument("--pair", nargs="+", metavar="ROW_JSON",
                     help="print the rows that --run-row wrote, each paired passage by passage with the first")
+    ap.add_argument("--pair-draws", nargs="+", metavar="ROW_JSON",
+                    help="BASE ROW pairs of --run-row files, one pair per calibration draw (--calib-seed): each pair "
+                         "compared passage by passage, then the difference averaged over the draws")
     args = ap.parse_args()
+    if args.pair_draws:
+        print(draws_table(args.pair_draws))
+        return
     if args.pair:
         print(pair_table([json.loads(Path(p).read_text()) for p in args.pair]))
         return

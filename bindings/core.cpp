@@ -165,6 +165,12 @@ struct PyNormTweaker {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "normtweak C++ core (quantizers, Hessian accumulation, GPTQ packing)";
   m.attr("__version__") = NORMTWEAK_VERSION_STRING;
+  {
+    py::list names;
+    for (const char* n : kDistLossNames) names.append(n);
+    m.attr("LOSSES") = py::tuple(names);
+    m.attr("RELDIST_VAR_FLOOR") = kRelDistVarFloor;
+  }
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {

@@ -31,7 +31,10 @@
 #include "normtweak/tensor_view.h"
 #include "normtweak/threading.h"
 
+#include <fmt/ranges.h>
+
 #include <cmath>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -39,12 +42,13 @@ namespace normtweak {
 
 enum class DistLoss { dist, mse, kl, reldist };
 
+// The losses' names, in the order the enum lists them; the bindings and the CLI read them from here.
+inline constexpr const char* kDistLossNames[] = {"dist", "mse", "kl", "reldist"};
+
 inline DistLoss dist_loss_from_string(const std::string& s) {
-  if (s == "dist") return DistLoss::dist;
-  if (s == "mse") return DistLoss::mse;
-  if (s == "kl") return DistLoss::kl;
-  if (s == "reldist") return DistLoss::reldist;
-  NT_THROW(errc::invalid_argument, "loss='{}' is not one of dist, reldist, mse, kl", s);
+  for (size_t i = 0; i < std::size(kDistLossNames); ++i)
+    if (s == kDistLossNames[i]) return static_cast<DistLoss>(i);
+  NT_THROW(errc::invalid_argument, "loss='{}' is not one of {}", s, fmt::join(kDistLossNames, ", "));
 }
 
 namespace detail {

@@ -80,6 +80,27 @@ def paired_counts(a: list[bool], b: list[bool]) -> dict:
     return {"gained": gained, "lost": lost, "z": z}
 
 
+def paired_over_draws(pairs: list[tuple[list[bool], list[bool]]]) -> dict:
+    """Paired comparison over several calibration draws of both models, on the same passages. Each pair is
+    (a, b) for one draw. Per passage, d_i = mean over draws of (b right) - (a right); returns "diff" (mean over
+    draws of b's passages minus a's: n * mean(d)), "se" (its standard error over passages) and z = diff / se,
+    a one-sample test over passages of the draw-averaged difference. With one draw it is McNemar's statistic
+    up to the (gained - lost)^2 / n term that McNemar's null hypothesis drops."""
+    if not pairs:
+        raise ValueError("paired_over_draws needs at least one (a, b) pair")
+    n = len(pairs[0][0])
+    for a, b in pairs:
+        if len(a) != n or len(b) != n:
+            raise ValueError(f"paired comparison needs the same passages: {len(a)} and {len(b)} results, not {n}")
+    if n < 2:
+        raise ValueError(f"paired_over_draws needs at least 2 passages, got {n}")
+    d = [sum(int(b[i]) - int(a[i]) for a, b in pairs) / len(pairs) for i in range(n)]
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    se = math.sqrt(var / n) * n
+    return {"draws": len(pairs), "diff": mean * n, "se": se, "z": mean * n / se if se else 0.0}
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str, seqlen: int = 512, max_chunks: Optional[int] = None,
                progress: bool = True) -> dict:

@@ -19,7 +19,7 @@ from .core import _stream
 log = logging.getLogger("normtweak")
 
 
-LOSSES = ("dist", "reldist", "mse", "kl")
+LOSSES = _core.LOSSES  # ("dist", "mse", "kl", "reldist"), from the C++ enum
 
 
 @dataclass

@@ -192,3 +192,24 @@ def test_paired_counts():
     assert ev.paired_counts(a, a)["z"] == 0.0
     with pytest.raises(ValueError, match="same passages"):
         ev.paired_counts(a, b[:3])
+
+
+def test_paired_over_draws():
+    from normtweak import eval as ev
+
+    # Two draws on 4 passages: per-passage mean differences d = [1, 0, -0.5, 0.5], mean 0.25 (1 passage of 4).
+    a1, b1 = [False, True, True, False], [True, True, False, True]
+    a2, b2 = [False, False, False, False], [True, False, False, False]
+    r = ev.paired_over_draws([(a1, b1), (a2, b2)])
+    var = (0.75**2 + 0.25**2 + 0.75**2 + 0.25**2) / 3
+    assert r["draws"] == 2 and r["diff"] == pytest.approx(1.0)
+    assert r["se"] == pytest.approx(4 * (var / 4) ** 0.5)
+    assert r["z"] == pytest.approx(1.0 / r["se"])
+    # One draw: McNemar's z up to the (gained - lost)^2 / n term and the n / (n - 1) of a sample variance.
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.rand(2000, generator=g) < 0.3).tolist(), (torch.rand(2000, generator=g) < 0.33).tolist()
+    one, mc = ev.paired_over_draws([(a, b)]), ev.paired_counts(a, b)
+    assert one["diff"] == pytest.approx(mc["gained"] - mc["lost"])
+    assert one["z"] == pytest.approx(mc["z"], rel=0.01)
+    with pytest.raises(ValueError, match="same passages"):
+        ev.paired_over_draws([(a1, b1), (a2, b2[:3])])

@@ -20,7 +20,7 @@ def rel(a, b):
 def dist_loss_torch(q, f, relative=False):
     mu_f, mu_q = f.mean(0), q.mean(0)
     var_f, var_q = f.var(0, unbiased=False), q.var(0, unbiased=False)
-    v = var_f + 1e-6 if relative else torch.ones_like(var_f)  # kRelDistVarFloor
+    v = var_f + _core.RELDIST_VAR_FLOOR if relative else torch.ones_like(var_f)
     return ((mu_f - mu_q).abs() / v.sqrt() + (var_f - var_q).abs() / v).mean()
 
 
@@ -95,6 +95,9 @@ def test_tweak_config_validation():
         nt.TweakConfig(lr=0)
     with pytest.raises(ValueError, match="loss='l1'"):
         nt.TweakConfig(loss="l1")
+    f = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="loss='l1' is not one of dist, mse, kl, reldist"):
+        _core.channel_dist_loss(f, f, "l1")
     with pytest.raises(ValueError, match="passes=0"):
         nt.TweakConfig(passes=0)
 
