@@ -97,6 +97,21 @@ def settings(args) -> dict:
                                           "seqlen", "tweak_lr", "tweak_scale", "sym", "act_order", "mc_tasks")}
 
 
+def linear_sha(model) -> str:
+    """SHA-256 of every Linear weight, in module order: a post-step row (`-nt-order=after`, which moves only the
+    norms) and the plain row it is paired with agree here exactly when both ran the same GPTQ."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            h.update(name.encode())
+            h.update(mod.weight.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def run_row(args) -> dict:
     """Quantize (and tweak) one row in this process and evaluate it."""
     import torch
@@ -123,7 +138,7 @@ def run_row(args) -> dict:
         t0 = time.perf_counter()
         nt.pipeline.quantize(model, calib, cfg, tweak)
         secs = time.perf_counter() - t0
-    res = {"row": args.run_row, "settings": settings(args), "quantize_s": secs}
+    res = {"row": args.run_row, "settings": settings(args), "quantize_s": secs, "linear_sha": linear_sha(model)}
     lam = ev.lambada(model, tok, limit=args.lambada_limit, per_passage=True)
     res["lambada_acc"], res["lambada_ppl"], res["lambada_n"] = lam["acc"], lam["ppl"], lam["n"]
     res["lambada_correct"] = bits_to_hex(lam["correct"])
