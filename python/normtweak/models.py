@@ -163,9 +163,40 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NORMTWEAK_CACHE", Path.home() / ".cache" / "normtweak"))
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale_tmp(path: Path) -> list[Path]:
+    """Remove `PATH.PID.tmp` files and folders whose writer PID is no longer running (a killed run's leftovers).
+
+    A temporary of a live process is left alone, so two processes filling one cache never delete each other's
+    work. Returns what was removed."""
+    removed = []
+    for tmp in path.parent.glob(f"{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 1 : -len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            continue
+        log.info("removing %s, left by process %s which is no longer running", tmp, pid)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
 def save_atomic(obj, path: Path) -> None:
     """torch.save into a temporary name of this process's own, then rename: a reader never sees half a file, and
-    two processes writing the same path (two benchmark rows filling one cache) never share a temporary file."""
+    two processes writing the same path (two benchmark rows filling one cache) never share a temporary file.
+    Temporaries that killed processes left at this path are swept first."""
+    sweep_stale_tmp(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
@@ -208,6 +239,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
                 raise ValueError(f"{gguf} could not be read as a GGUF model: {e}") from e
             # A temporary name of this process's own: two processes filling an empty cache at once (two benchmark
             # rows) must not write into or delete each other's folder.
+            sweep_stale_tmp(target)
             tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
             if tmp.exists():
                 shutil.rmtree(tmp)

@@ -62,3 +62,33 @@ def test_same_bytes_twice_and_after_a_kill_and_resume(model_dir, tmp_path):
     assert m and 0 <= int(m.group(1)) < LAYERS - 1
     assert files(out) == ref
     assert not (tmp_path / "out.tmp").exists()
+
+
+def test_stale_temporaries_of_dead_processes_are_swept(tmp_path):
+    """A killed writer leaves `PATH.PID.tmp`; the next save at PATH removes it, a live writer's temporary stays."""
+    import torch
+    from normtweak.models import save_atomic
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its PID is free now (reuse within this test would only make the sweep skip it)
+    target = tmp_path / "calib.pt"
+    stale_file = tmp_path / f"calib.pt.{dead.pid}.tmp"
+    stale_file.write_bytes(b"half a file")
+    stale_dir = tmp_path / f"calib.pt.{dead.pid + 1000000}.tmp"  # above any pid_max: never running
+    stale_dir.mkdir()
+    (stale_dir / "x").write_text("x")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live_file = tmp_path / f"calib.pt.{live.pid}.tmp"
+        live_file.write_bytes(b"being written")
+        other = tmp_path / "calib.pt.notapid.tmp"
+        other.write_bytes(b"not ours")
+        save_atomic(torch.arange(3), target)
+        assert torch.equal(torch.load(target), torch.arange(3))
+        assert not stale_dir.exists()
+        assert live_file.exists() and other.exists()
+        if stale_file.exists():  # only if the OS handed the dead PID to a new process meanwhile
+            os.kill(dead.pid, 0)
+    finally:
+        live.kill()
+        live.wait()
