@@ -14,14 +14,13 @@ import torch
 import normtweak as nt
 from normtweak.calibration import text_calibration
 from normtweak.corpora import english_text
-from normtweak.models import load_model
+from normtweak.models import keep_first_blocks, load_model
 
 BLOCKS = 12
 torch.set_num_threads(1)
 nt.set_num_threads(1)
 model, tok = load_model("smollm2-135m")
-model.model.layers = model.model.layers[:BLOCKS]
-model.config.num_hidden_layers = BLOCKS
+keep_first_blocks(model, BLOCKS)
 calib = text_calibration(tok, english_text("emma"), n=32, seqlen=256, seed=0)
 quant = copy.deepcopy(model)
 nt.pipeline.quantize(quant, calib, nt.GPTQConfig(bits=3, group_size=128, act_order=True, mse=True), None,

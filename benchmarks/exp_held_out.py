@@ -14,7 +14,7 @@ import torch
 import normtweak as nt
 from normtweak.calibration import text_calibration
 from normtweak.corpora import english_text
-from normtweak.models import load_model
+from normtweak.models import keep_first_blocks, load_model
 
 BLOCKS = 4
 
@@ -26,8 +26,7 @@ torch.set_num_threads(args.threads)
 nt.set_num_threads(args.threads)
 
 model, tok = load_model("smollm2-135m")
-model.model.layers = model.model.layers[:BLOCKS]
-model.config.num_hidden_layers = BLOCKS
+keep_first_blocks(model, BLOCKS)
 emma, persuasion = english_text("emma"), english_text("persuasion")
 half = len(emma) // 2
 calib = text_calibration(tok, emma[:half], n=64, seqlen=256, seed=0)

@@ -126,6 +126,23 @@ def blocks(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
     return get_module(model, get_adapter(model).layers)
 
 
+def keep_first_blocks(model: torch.nn.Module, n: int) -> torch.nn.Module:
+    """Cut the model to its first n blocks, in place (a quick check on a slice of a real model); returns it.
+
+    The config follows (num_hidden_layers, and per-layer lists such as layer_types), so the model still runs and
+    saves as an n-block model."""
+    layers = blocks(model)
+    if not 1 <= n <= len(layers):
+        raise ValueError(f"keep_first_blocks: n={n} is outside 1..{len(layers)} (the model has {len(layers)} blocks)")
+    adapter = get_adapter(model)
+    parent_path, _, name = adapter.layers.rpartition(".")
+    setattr(get_module(model, parent_path) if parent_path else model, name, layers[:n])
+    model.config.num_hidden_layers = n
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = model.config.layer_types[:n]
+    return model
+
+
 def block_norms(block: torch.nn.Module, adapter: Adapter) -> list[NormInfo]:
     out = []
     for name in adapter.norms:

@@ -9,7 +9,7 @@ import transformers as tf
 
 import normtweak as nt
 from normtweak import export
-from normtweak.models import ADAPTERS, block_norms, blocks, get_adapter
+from normtweak.models import ADAPTERS, block_norms, blocks, get_adapter, keep_first_blocks
 
 HIDDEN, LAYERS, VOCAB = 64, 2, 128
 
@@ -46,6 +46,26 @@ ARCHS = ["llama", "qwen2", "mistral", "gemma", "opt", "gpt2", "bloom", "gpt_neox
 
 def test_every_adapter_is_tested():
     assert set(ARCHS) == set(ADAPTERS)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_keep_first_blocks_runs_and_reloads_as_the_shorter_model(tmp_path, arch):
+    model = tiny(arch)
+    first = blocks(model)[0]
+    with pytest.raises(ValueError, match=f"n=0 is outside 1..{LAYERS}"):
+        keep_first_blocks(model, 0)
+    with pytest.raises(ValueError, match=f"n={LAYERS + 1} is outside"):
+        keep_first_blocks(model, LAYERS + 1)
+    assert keep_first_blocks(model, 1) is model
+    assert len(blocks(model)) == 1 and blocks(model)[0] is first and model.config.num_hidden_layers == 1
+    ids = calib(n=2)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    again = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert len(blocks(again)) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, logits)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

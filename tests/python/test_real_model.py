@@ -16,11 +16,10 @@ BLOCKS = 4
 @pytest.fixture(scope="module")
 def smollm2_slice():
     from normtweak.corpora import english_text
-    from normtweak.models import load_model
+    from normtweak.models import keep_first_blocks, load_model
 
     model, tok = load_model("smollm2-135m")
-    model.model.layers = model.model.layers[:BLOCKS]
-    model.config.num_hidden_layers = BLOCKS
+    keep_first_blocks(model, BLOCKS)
     return model, tok, english_text("emma"), english_text("persuasion")
 
 
