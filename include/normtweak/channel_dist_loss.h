@@ -44,6 +44,8 @@ enum class DistLoss { dist, mse, kl, reldist };
 
 // The losses' names, in the order the enum lists them; the bindings and the CLI read them from here.
 inline constexpr const char* kDistLossNames[] = {"dist", "mse", "kl", "reldist"};
+static_assert(std::size(kDistLossNames) == static_cast<size_t>(DistLoss::reldist) + 1,
+              "kDistLossNames must name every DistLoss, in the enum's order");
 
 inline DistLoss dist_loss_from_string(const std::string& s) {
   for (size_t i = 0; i < std::size(kDistLossNames); ++i)
