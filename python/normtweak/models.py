@@ -131,10 +131,10 @@ def keep_first_blocks(model: torch.nn.Module, n: int) -> torch.nn.Module:
 
     The config follows (num_hidden_layers, and per-layer lists such as layer_types), so the model still runs and
     saves as an n-block model."""
-    layers = blocks(model)
+    adapter = get_adapter(model)
+    layers = get_module(model, adapter.layers)
     if not 1 <= n <= len(layers):
         raise ValueError(f"keep_first_blocks: n={n} is outside 1..{len(layers)} (the model has {len(layers)} blocks)")
-    adapter = get_adapter(model)
     parent_path, _, name = adapter.layers.rpartition(".")
     setattr(get_module(model, parent_path) if parent_path else model, name, layers[:n])
     model.config.num_hidden_layers = n

@@ -74,7 +74,7 @@ def test_stale_temporaries_of_dead_processes_are_swept(tmp_path):
     target = tmp_path / "calib.pt"
     stale_file = tmp_path / f"calib.pt.{dead.pid}.tmp"
     stale_file.write_bytes(b"half a file")
-    stale_dir = tmp_path / f"calib.pt.{dead.pid + 1000000}.tmp"  # above any pid_max: never running
+    stale_dir = tmp_path / f"calib.pt.{2**22 + 1}.tmp"  # above Linux's PID_MAX_LIMIT (2^22): never running
     stale_dir.mkdir()
     (stale_dir / "x").write_text("x")
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
