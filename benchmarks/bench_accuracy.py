@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import fcntl
 import json
@@ -93,8 +94,11 @@ def peak_rss_gib() -> float:
 
 
 def settings(args) -> dict:
-    return {k: getattr(args, k) for k in ("lambada_limit", "ppl_windows", "mc_limit", "calib", "calib_seed", "nsamples",
-                                          "seqlen", "tweak_lr", "tweak_scale", "sym", "act_order", "mc_tasks")}
+    s = {k: getattr(args, k) for k in ("lambada_limit", "ppl_windows", "mc_limit", "calib", "calib_seed", "nsamples",
+                                       "seqlen", "tweak_lr", "tweak_scale", "sym", "act_order", "mc_tasks")}
+    if getattr(args, "tweak_calib", None):  # only when given, so stores written before the option still match
+        s["tweak_calib"] = args.tweak_calib
+    return s
 
 
 def linear_sha(model) -> str:
@@ -126,7 +130,7 @@ def run_row(args) -> dict:
     spec = parse_row(args.run_row)
     held_text = None if args.lambada_only else english_text("persuasion")  # a missing corpus fails now, not in an hour
     model, tok = load_model("smollm2-135m")
-    secs = 0.0
+    secs, extra = 0.0, {}
     if spec["method"] != "float":
         calib = cached_calibration(model, tok, args.calib, args.nsamples, args.seqlen, seed=args.calib_seed)
         cfg = nt.GPTQConfig(bits=spec["bits"], group_size=spec["group_size"], method=spec["method"], sym=args.sym,
@@ -135,10 +139,25 @@ def run_row(args) -> dict:
         tweak = None
         if spec["tweak"] is not None:
             tweak = nt.TweakConfig(**{"lr": args.tweak_lr, "scale": args.tweak_scale, **spec["tweak"]})
+        post_step = tweak is not None and tweak.order == "after"
+        if args.tweak_calib and not post_step:
+            raise SystemExit(f"--tweak-calib {args.tweak_calib} needs a post-step row (-nt-order=after); "
+                             f"{args.run_row} calibrates GPTQ and the tweak on one set")
         t0 = time.perf_counter()
-        nt.pipeline.quantize(model, calib, cfg, tweak)
-        secs = time.perf_counter() - t0
-    res = {"row": args.run_row, "settings": settings(args), "quantize_s": secs, "linear_sha": linear_sha(model)}
+        if post_step:  # the same steps as order="after" in the pipeline, split so the GPTQ weights can be cached
+            tcalib = calib if not args.tweak_calib else cached_calibration(
+                model, tok, args.tweak_calib, args.nsamples, args.seqlen, seed=args.calib_seed)
+            float_model = copy.deepcopy(model)
+            gptq_s = quantize_cached(model, calib, cfg, Path(args.weights_cache) if args.weights_cache else None)
+            t0 = time.perf_counter()
+            nt.pipeline.quantize(model, tcalib, cfg, tweak, float_model=float_model)
+            del float_model
+            extra = {"gptq_s": gptq_s, "tweak_s": time.perf_counter() - t0}
+            secs = gptq_s + extra["tweak_s"]
+        else:
+            nt.pipeline.quantize(model, calib, cfg, tweak)
+            secs = time.perf_counter() - t0
+    res = {"row": args.run_row, "settings": settings(args), "quantize_s": secs, "linear_sha": linear_sha(model), **extra}
     lam = ev.lambada(model, tok, limit=args.lambada_limit, per_passage=True)
     res["lambada_acc"], res["lambada_ppl"], res["lambada_n"] = lam["acc"], lam["ppl"], lam["n"]
     res["lambada_correct"] = bits_to_hex(lam["correct"])
@@ -151,6 +170,46 @@ def run_row(args) -> dict:
     res["peak_rss_gib"] = peak_rss_gib()
     res["threads"] = torch.get_num_threads()
     return res
+
+
+def quantize_cached(model, calib, cfg, folder: Path | None) -> float:
+    """Quantize `model` without tweaking, or load the Linear weights an identical earlier run left in `folder`
+    (--weights-cache): post-step rows with different tweak settings then share one GPTQ run. The key covers the
+    model, the calibration ids, the quantizer settings and the thread count (GPTQ's float sums depend on it).
+    Returns the seconds the quantization took when it ran (stored beside the weights). folder None: no cache."""
+    import dataclasses
+    import hashlib
+
+    import torch
+
+    import normtweak as nt
+    from normtweak.models import model_fingerprint, save_atomic
+
+    if folder is None:
+        t0 = time.perf_counter()
+        nt.pipeline.quantize(model, calib, cfg, None)
+        return time.perf_counter() - t0
+    h = hashlib.sha256()
+    h.update(model_fingerprint(model).encode())
+    h.update(calib.contiguous().numpy().tobytes())
+    h.update(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
+    h.update(str(torch.get_num_threads()).encode())
+    path = folder / f"weights-{h.hexdigest()[:16]}.pt"
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if path.exists():
+        saved = torch.load(path)
+        with torch.no_grad():
+            for n, m in linears.items():
+                m.weight.copy_(saved["weights"][n])
+        print(f"quantized weights from {path} (sha {saved['linear_sha']})", file=sys.stderr)
+        return saved["seconds"]
+    t0 = time.perf_counter()
+    nt.pipeline.quantize(model, calib, cfg, None)
+    secs = time.perf_counter() - t0
+    folder.mkdir(parents=True, exist_ok=True)
+    save_atomic({"weights": {n: m.weight.detach().clone() for n, m in linears.items()}, "seconds": secs,
+                 "linear_sha": linear_sha(model)}, path)
+    return secs
 
 
 @contextlib.contextmanager
@@ -325,7 +384,7 @@ def render(store: dict, store_path: Path, wanted: list[str], heading: str = "# A
 
 
 def child_flags(args) -> list[str]:
-    return setting_flags(settings(args))
+    return setting_flags(settings(args)) + (["--weights-cache", args.weights_cache] if args.weights_cache else [])
 
 
 def setting_flags(s: dict, shell: bool = False) -> list[str]:
@@ -356,6 +415,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--tweak-lr", type=float, default=1e-5)
     ap.add_argument("--tweak-scale", type=float, default=5.0)
+    ap.add_argument("--tweak-calib", default=None, metavar="SOURCE",
+                    help="post-step rows (-nt-order=after) only: tweak on this calibration (as --calib; same count, "
+                         "length and seed) instead of the one GPTQ used")
     ap.add_argument("--sym", action=argparse.BooleanOptionalAction, default=False,
                     help="symmetric grid (the main table: asymmetric, as GPTQ's paper; the SmoothQuant rows: --sym)")
     ap.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True)
@@ -375,6 +437,9 @@ def main() -> None:
                     help="run this one row in this process and write its results (with per-passage LAMBADA "
                          "results) to --row-out instead of the store")
     ap.add_argument("--row-out", metavar="PATH", help="where --run-row writes its JSON")
+    ap.add_argument("--weights-cache", metavar="DIR",
+                    help="post-step rows (-nt-order=after): keep the quantized weights in DIR and reuse them when "
+                         "another row quantizes the same model on the same calibration with the same settings")
     ap.add_argument("--pair", nargs="+", metavar="ROW_JSON",
                     help="print the rows that --run-row wrote, each paired passage by passage with the first")
     ap.add_argument("--pair-draws", nargs="+", metavar="ROW_JSON",

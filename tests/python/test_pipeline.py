@@ -239,3 +239,33 @@ def test_tweak_order_after_is_quantize_then_post_step():
         nt.pipeline.quantize(copy.deepcopy(model), ids, cfg, tweak, progress=False, checkpoint="/nonexistent")
     with pytest.raises(ValueError, match="order='later' is not 'walk' or 'after'"):
         nt.TweakConfig(order="later")
+
+
+def test_bench_weights_cache_reuses_the_same_gptq(tmp_path, monkeypatch):
+    """bench_accuracy --weights-cache: a second identical quantization loads the first one's Linear weights
+    (a post-step on them then equals order='after' end to end); another calibration set quantizes afresh."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_accuracy", Path(__file__).resolve().parents[2] / "benchmarks" / "bench_accuracy.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model = tiny("llama")
+    ids = calib()
+    cfg = nt.GPTQConfig(bits=3, group_size=32)
+    a = copy.deepcopy(model)
+    bench.quantize_cached(a, ids, cfg, tmp_path)
+    assert len(list(tmp_path.glob("weights-*.pt"))) == 1
+    b, ref = copy.deepcopy(model), copy.deepcopy(model)
+    with monkeypatch.context() as m:  # the second run must load, not quantize
+        m.setattr(nt.pipeline, "quantize", lambda *a, **k: pytest.fail("quantized again despite the cache"))
+        bench.quantize_cached(b, ids, cfg, tmp_path)
+    assert bench.linear_sha(b) == bench.linear_sha(a) != bench.linear_sha(model)
+    nt.pipeline.quantize(b, ids, cfg, nt.TweakConfig(lr=1e-3, order="after"), progress=False, float_model=ref)
+    c = copy.deepcopy(model)
+    nt.pipeline.quantize(c, ids, cfg, nt.TweakConfig(lr=1e-3, order="after"), progress=False)
+    for (k, vb), vc in zip(b.state_dict().items(), c.state_dict().values()):
+        assert torch.equal(vb, vc), k
+    bench.quantize_cached(copy.deepcopy(model), calib(seed=1), cfg, tmp_path)
+    assert len(list(tmp_path.glob("weights-*.pt"))) == 2
