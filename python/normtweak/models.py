@@ -209,12 +209,22 @@ def sweep_stale_tmp(path: Path) -> list[Path]:
     return removed
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save into a temporary name of this process's own, then rename: a reader never sees half a file, and
-    two processes writing the same path (two benchmark rows filling one cache) never share a temporary file.
-    Temporaries that killed processes left at this path are swept first."""
+def own_tmp(path: Path) -> Path:
+    """`PATH.PID.tmp` for this process, to write and then rename to `path`: a reader never sees half a file or
+    folder, and two processes writing the same path (two benchmark rows filling one cache) never share a
+    temporary. Temporaries that killed processes left at `path` are swept, and this process's own leftover too."""
     sweep_stale_tmp(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    else:
+        tmp.unlink(missing_ok=True)
+    return tmp
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save into `own_tmp(path)`, then rename."""
+    tmp = own_tmp(path)
     torch.save(obj, tmp)
     tmp.replace(path)
 
@@ -256,10 +266,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32):
                 raise ValueError(f"{gguf} could not be read as a GGUF model: {e}") from e
             # A temporary name of this process's own: two processes filling an empty cache at once (two benchmark
             # rows) must not write into or delete each other's folder.
-            sweep_stale_tmp(target)
-            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            tmp = own_tmp(target)
             # transformers marks GGUF-loaded models as quantized and refuses to save
             # them; the weights are plain floats, so move them into a fresh model.
             config = model.config

@@ -83,7 +83,10 @@ def test_stale_temporaries_of_dead_processes_are_swept(tmp_path):
         live_file.write_bytes(b"being written")
         other = tmp_path / "calib.pt.notapid.tmp"
         other.write_bytes(b"not ours")
+        mine = tmp_path / f"calib.pt.{os.getpid()}.tmp"  # this process's own leftover, here a folder
+        mine.mkdir()
         save_atomic(torch.arange(3), target)
+        assert not mine.exists()
         assert torch.equal(torch.load(target), torch.arange(3))
         assert not stale_dir.exists()
         assert live_file.exists() and other.exists()
