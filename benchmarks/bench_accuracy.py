@@ -19,6 +19,12 @@ One row alone, with its per-passage LAMBADA results, and rows paired passage by 
         --run-row gptqmse-w3g128-nt --row-out docs/runs/ROW.json --no-sym --mc-tasks ""
     .venv/bin/python benchmarks/bench_accuracy.py --pair docs/runs/BASE.json docs/runs/ROW.json ...
 
+Post-step rows (`-nt-order=after`: GPTQ first, then the tweak on the finished weights) can share one GPTQ run
+(`--weights-cache DIR`) and tweak on another calibration than GPTQ's (`--tweak-calib text:emma`):
+
+    ... --run-row gptqmse-w3g128-nt-order=after-lr=0.0001 --weights-cache ~/.cache/normtweak/bench-weights \
+        --tweak-calib text:emma --row-out docs/runs/ROW.json
+
 results.md also carries the SmoothQuant store's table as a section. Run each
 row process on one thread (OMP_NUM_THREADS=1) when two benchmarks share the 2
 cores: two 2-thread processes on 2 cores ran 3-5x slower than one thread each.
