@@ -271,6 +271,12 @@ def paired_cell(rows: dict, name: str) -> str:
     return paired_text(b, r)
 
 
+def row_label(r: dict) -> str:
+    """A --run-row file's row name, with the tweak's own calibration when it had one (--tweak-calib)."""
+    tc = r.get("settings", {}).get("tweak_calib")
+    return f"`{r['row']}`" + (f" (tweak on {tc})" if tc else "")
+
+
 def pair_table(rows: list[dict]) -> str:
     """Rows written by --run-row, as a markdown table; each row after the first is paired against the first."""
     base = rows[0]
@@ -283,7 +289,7 @@ def pair_table(rows: list[dict]) -> str:
         pair = "" if r is base else paired_text(base, r)
         right = sum(hex_to_bits(r["lambada_correct"], n))
         ppl = f"{r['ppl']:.2f}" if "ppl" in r else ""
-        lines.append(f"| `{r['row']}` | {r['lambada_acc']:.4f} ({right}) | {pair} | {r['lambada_ppl']:.2f} | {ppl} | "
+        lines.append(f"| {row_label(r)} | {r['lambada_acc']:.4f} ({right}) | {pair} | {r['lambada_ppl']:.2f} | {ppl} | "
                      f"{r['quantize_s']:.0f} |")
     return "\n".join(lines)
 
@@ -301,7 +307,7 @@ def draws_table(files: list[str]) -> str:
     for r in rows:
         if r["lambada_n"] != n:
             raise SystemExit(f"row {r['row']} has {r['lambada_n']} passages, {rows[0]['row']} {n}: not pairable")
-    lines = [f"| calibration | `{pairs[0][0]['row']}` passages | `{pairs[0][1]['row']}` passages | paired |",
+    lines = [f"| calibration | {row_label(pairs[0][0])} passages | {row_label(pairs[0][1])} passages | paired |",
              "|---|---:|---:|---:|"]
     bits = []
     for (b, r), path in zip(pairs, files[1::2]):
