@@ -451,7 +451,8 @@ def main() -> None:
     ap.add_argument("--row-out", metavar="PATH", help="where --run-row writes its JSON")
     ap.add_argument("--weights-cache", metavar="DIR",
                     help="post-step rows (-nt-order=after): keep the quantized weights in DIR and reuse them when "
-                         "another row quantizes the same model on the same calibration with the same settings")
+                         "another row quantizes the same model on the same calibration with the same settings "
+                         "(the key does not cover the quantizer's code: empty DIR after changing it)")
     ap.add_argument("--pair", nargs="+", metavar="ROW_JSON",
                     help="print the rows that --run-row wrote, each paired passage by passage with the first")
     ap.add_argument("--pair-draws", nargs="+", metavar="ROW_JSON",
