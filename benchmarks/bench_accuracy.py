@@ -102,7 +102,7 @@ def peak_rss_gib() -> float:
 def settings(args) -> dict:
     s = {k: getattr(args, k) for k in ("lambada_limit", "ppl_windows", "mc_limit", "calib", "calib_seed", "nsamples",
                                        "seqlen", "tweak_lr", "tweak_scale", "sym", "act_order", "mc_tasks")}
-    if getattr(args, "tweak_calib", None):  # only when given, so stores written before the option still match
+    if args.tweak_calib:  # only when given, so stores written before the option still match
         s["tweak_calib"] = args.tweak_calib
     return s
 
@@ -189,32 +189,33 @@ def quantize_cached(model, calib, cfg, folder: Path | None) -> float:
     import torch
 
     import normtweak as nt
-    from normtweak.models import model_fingerprint, save_atomic
+    from normtweak.models import blocks, model_fingerprint, save_atomic
 
-    if folder is None:
-        t0 = time.perf_counter()
-        nt.pipeline.quantize(model, calib, cfg, None)
-        return time.perf_counter() - t0
-    h = hashlib.sha256()
-    h.update(model_fingerprint(model).encode())
-    h.update(calib.contiguous().numpy().tobytes())
-    h.update(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
-    h.update(str(torch.get_num_threads()).encode())
-    path = folder / f"weights-{h.hexdigest()[:16]}.pt"
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    if path.exists():
-        saved = torch.load(path)
-        with torch.no_grad():
-            for n, m in linears.items():
-                m.weight.copy_(saved["weights"][n])
-        print(f"quantized weights from {path} (sha {saved['linear_sha']})", file=sys.stderr)
-        return saved["seconds"]
+    # The quantized Linears are the blocks' (lm_head stays float and may share the embedding's storage).
+    linears = {f"{i}.{n}": m for i, blk in enumerate(blocks(model)) for n, m in blk.named_modules()
+               if isinstance(m, torch.nn.Linear)}
+    path = None
+    if folder is not None:
+        h = hashlib.sha256(b"block-linears")
+        h.update(model_fingerprint(model).encode())
+        h.update(calib.contiguous().numpy().tobytes())
+        h.update(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
+        h.update(str(torch.get_num_threads()).encode())
+        path = folder / f"weights-{h.hexdigest()[:16]}.pt"
+        if path.exists():
+            saved = torch.load(path)
+            with torch.no_grad():
+                for n, m in linears.items():
+                    m.weight.copy_(saved["weights"][n])
+            print(f"quantized weights from {path} (sha {saved['linear_sha']})", file=sys.stderr)
+            return saved["seconds"]
     t0 = time.perf_counter()
     nt.pipeline.quantize(model, calib, cfg, None)
     secs = time.perf_counter() - t0
-    folder.mkdir(parents=True, exist_ok=True)
-    save_atomic({"weights": {n: m.weight.detach().clone() for n, m in linears.items()}, "seconds": secs,
-                 "linear_sha": linear_sha(model)}, path)
+    if path is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_atomic({"weights": {n: m.weight.detach().clone() for n, m in linears.items()}, "seconds": secs,
+                     "linear_sha": linear_sha(model)}, path)
     return secs
 
 
