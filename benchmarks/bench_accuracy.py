@@ -73,7 +73,8 @@ def parse_row(name: str) -> dict:
     """"gptq-w3g128-nt-passes=2" -> {"method": "gptq", "bits": 3, "group_size": 128, "tweak": {"passes": 2}}.
 
     The tweak keys are TweakConfig's: lr, scale, passes, loss, order (walk: inside the walk, Algorithm 1; after:
-    a post-step on the finished quantized weights)."""
+    a post-step on the finished quantized weights), target (local: Algorithm 1; float: the float model's own
+    activations)."""
     if name == "float":
         return {"method": "float"}
     parts = name.split("-")
@@ -91,7 +92,7 @@ def parse_row(name: str) -> dict:
         row["tweak"] = {}
         for kv in parts[3:]:
             k, _, v = kv.partition("=")
-            row["tweak"][k] = v if k in ("loss", "order") else (int(v) if k == "passes" else float(v))
+            row["tweak"][k] = v if k in ("loss", "order", "target") else (int(v) if k == "passes" else float(v))
     return row
 
 

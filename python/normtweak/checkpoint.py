@@ -9,6 +9,7 @@ The folder (by default `OUT.tmp/resume/` of the CLI's output) holds:
                       norms), its per-layer quantization results (for export)
                       and its statistics
   inputs.pt           the activations entering the next block, and its index
+                      (with tweak target "float", the float model's too)
 Every file is written to a temporary name and renamed, so a kill leaves either
 the previous or the new version, never half of one.
 """
@@ -67,20 +68,23 @@ class BlockCheckpoint:
         tmp.write_text(json.dumps(self.fp, indent=1, sort_keys=True))
         tmp.replace(manifest)
 
-    def save_block(self, index: int, block: torch.nn.Module, stats: dict, next_inputs: list[torch.Tensor]) -> None:
+    def save_block(self, index: int, block: torch.nn.Module, stats: dict, next_inputs: list[torch.Tensor],
+                   float_inputs: Optional[list[torch.Tensor]] = None) -> None:
         quant = {name: mod._normtweak_quant for name, mod in block.named_modules()
                  if getattr(mod, "_normtweak_quant", None) is not None}
         acts = {name: (mod._normtweak_abits, mod._normtweak_act_scale) for name, mod in block.named_modules()
                 if getattr(mod, "_normtweak_abits", 16) < 16}
         save_atomic({"state": block.state_dict(), "quant": quant, "acts": acts, "stats": stats},
               self.folder / f"block_{index:04d}.pt")
-        save_atomic({"next": index + 1, "inputs": next_inputs}, self.folder / "inputs.pt")
+        save_atomic({"next": index + 1, "inputs": next_inputs, "float_inputs": float_inputs},
+                    self.folder / "inputs.pt")
 
-    def restore(self, layers) -> tuple[int, Optional[list[torch.Tensor]], list[dict]]:
-        """Load the completed blocks into `layers`; (first block to run, its inputs, the restored stats)."""
+    def restore(self, layers):
+        """Load the completed blocks into `layers`; (first block to run, its inputs, the restored stats, the float
+        model's inputs to it or None)."""
         path = self.folder / "inputs.pt"
         if not path.exists():
-            return 0, None, []
+            return 0, None, [], None
         saved = torch.load(path, weights_only=False)
         start = int(saved["next"])
         stats = []
@@ -95,4 +99,4 @@ class BlockCheckpoint:
                 attach_act_quant(layers[i].get_submodule(name), bits, scale)
             stats.append(blk["stats"])
         log.warning("resuming from %s: blocks 0..%d restored", self.folder, start - 1)
-        return start, saved["inputs"], stats
+        return start, saved["inputs"], stats, saved.get("float_inputs")

@@ -28,6 +28,10 @@ def _add_tweak_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tweak-order", choices=("walk", "after"), default="walk",
                    help="walk: tweak each block right after quantizing it (paper, Algorithm 1); after: quantize "
                         "all blocks first, then tweak (keeps a float copy of the model; see docs/findings.md)")
+    p.add_argument("--tweak-target", choices=("local", "float"), default="local",
+                   help="local: tweak each block toward the float block's output on the quantized activations "
+                        "(paper, Algorithm 1); float: toward the float model's own activations, so the norms also "
+                        "absorb the error of the blocks before (see docs/findings.md)")
     p.add_argument("--tweak-holdout", type=float, default=0.0,
                    help="fraction of calibration samples that only judge each block's tweak (rollback decision); "
                         "with a learning-rate search, the fraction held out to judge each lr0 (default 1/8)")
@@ -67,7 +71,8 @@ def _tweak_config(args):
 
     lr, grid = _parse_lr(args.tweak_lr)
     return TweakConfig(lr=lr, scale=args.tweak_scale, passes=args.tweak_passes, loss=args.loss,
-                       holdout=args.tweak_holdout, lr_grid=grid, order=getattr(args, "tweak_order", "walk"))
+                       holdout=args.tweak_holdout, lr_grid=grid, order=getattr(args, "tweak_order", "walk"),
+                       target=args.tweak_target)
 
 
 def _summary(report, out: Path, seconds: float) -> None:

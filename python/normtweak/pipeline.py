@@ -264,6 +264,8 @@ def quantize(
     L = len(layers)
     stats: list[BlockStats] = []
     start = 0
+    # target="float": the float model's own activations, carried through the float blocks beside the quantized ones
+    finputs = inputs if tweak is not None and tweak.target == "float" else None
     ckpt = None
     if checkpoint is not None:
         from .checkpoint import BlockCheckpoint, fingerprint
@@ -271,9 +273,9 @@ def quantize(
         ckpt = BlockCheckpoint(checkpoint, fingerprint(model, calib, config, tweak))
         ckpt.start(resume)
         if resume:
-            start, restored_inputs, restored = ckpt.restore(layers)
+            start, restored_inputs, restored, restored_float = ckpt.restore(layers)
             if start:
-                inputs = restored_inputs
+                inputs, finputs = restored_inputs, restored_float
                 stats = [BlockStats(**d) for d in restored]
     bar = tqdm(total=L, initial=start, desc="quantizing blocks", unit="block", disable=not progress)
     prefix_root = adapter.layers
@@ -286,7 +288,10 @@ def quantize(
             for a, b in zip(block_norms(ref_block, adapter), block_norms(block, adapter)):
                 if a.module.weight.shape != b.module.weight.shape:
                     raise ValueError(f"block {i}: norm {a.name} shapes differ between float and quantized models")
-        targets = _run(ref_block, inputs, kwargs)  # fOut_l on the quantized model's activations
+        if finputs is None:
+            targets = _run(ref_block, inputs, kwargs)  # fOut_l on the quantized model's activations
+        else:
+            targets = _run(ref_block, finputs, kwargs)  # fOut_l on the float model's activations
         fallbacks: list = []
         smoothing: list = []
         if float_model is None:
@@ -316,8 +321,10 @@ def quantize(
         dmu, dvar = channel_stats_gap(targets, outs)
         stats.append(BlockStats(i, dmu, dvar, dmu0, dvar0, tstats, fallbacks, time.perf_counter() - t0, smoothing))
         inputs = outs
+        if finputs is not None:
+            finputs = targets
         if ckpt is not None:
-            ckpt.save_block(i, block, asdict(stats[-1]), inputs)
+            ckpt.save_block(i, block, asdict(stats[-1]), inputs, finputs)
         bar.set_postfix(dmu=f"{dmu:.3g}", dvar=f"{dvar:.3g}")
         bar.update(1)
         del targets

@@ -48,6 +48,13 @@ class TweakConfig:
         post-step `tweak` does; keeps a float copy of the model while it runs).
         On SmolLM2-135M at W3 g128 "after" kept GPTQ's LAMBADA accuracy where
         "walk" lost 1.4 points (docs/findings.md).
+    target: what block l's output is tweaked toward. "local" (the paper's
+        Algorithm 1): the float block l on the quantized model's activations, so
+        each block fixes only its own error. "float": the float model's own
+        activations (the float blocks 0..l on the float path, as CBQ's and
+        OmniQuant's reconstructions do), so each block's norms also absorb the
+        error the quantized blocks before it passed on. Costs one more copy of
+        the calibration activations.
     """
 
     lr: float = 1e-5
@@ -59,10 +66,13 @@ class TweakConfig:
     holdout: float = 0.0
     lr_grid: tuple = ()
     order: str = "walk"
+    target: str = "local"
 
     def __post_init__(self) -> None:
         if self.order not in ("walk", "after"):
             raise ValueError(f"tweak order={self.order!r} is not 'walk' or 'after' (--tweak-order)")
+        if self.target not in ("local", "float"):
+            raise ValueError(f"tweak target={self.target!r} is not 'local' or 'float' (--tweak-target)")
         self.lr_grid = tuple(float(v) for v in self.lr_grid)
         if any(not v > 0 for v in self.lr_grid):
             raise ValueError(f"lr_grid={list(self.lr_grid)} holds a non-positive learning rate (--tweak-lr)")

@@ -134,7 +134,10 @@ def test_tweak_lr_option_takes_a_value_a_list_or_auto():
     with pytest.raises(ValueError, match="'fast' is not a number"):
         cli._parse_lr("fast")
     args = cli.build_parser().parse_args(["quantize", "--model", "m", "--out", "o", "--tweak", "--tweak-order", "after"])
-    assert cli._tweak_config(args).order == "after"
+    assert cli._tweak_config(args).order == "after" and cli._tweak_config(args).target == "local"
+    args = cli.build_parser().parse_args(["tweak", "--float", "f", "--quantized", "q", "--out", "o",
+                                          "--tweak-target", "float"])
+    assert cli._tweak_config(args).target == "float"
 
 
 def test_cli_smoothquant_w8a8_with_tweak(tiny_model_dir, tmp_path, capsys):

@@ -10,6 +10,7 @@ import transformers as tf
 import normtweak as nt
 from normtweak import export
 from normtweak.models import ADAPTERS, block_norms, blocks, get_adapter, keep_first_blocks
+from normtweak.tweak import _first
 
 HIDDEN, LAYERS, VOCAB = 64, 2, 128
 
@@ -239,6 +240,62 @@ def test_tweak_order_after_is_quantize_then_post_step():
         nt.pipeline.quantize(copy.deepcopy(model), ids, cfg, tweak, progress=False, checkpoint="/nonexistent")
     with pytest.raises(ValueError, match="order='later' is not 'walk' or 'after'"):
         nt.TweakConfig(order="later")
+
+
+def test_tweak_target_float_is_the_float_models_own_activations(tmp_path, monkeypatch):
+    """target="float": block l is tweaked toward the float model's block-l output on the float path (hooks on an
+    untouched float copy), not toward the float block on the quantized activations; a resume from the per-block
+    checkpoints carries those float activations and ends where an uninterrupted run does."""
+    import normtweak.pipeline as pl
+
+    model, ids, cfg = tiny("llama"), calib(), nt.GPTQConfig(bits=2, group_size=32)
+    fl = copy.deepcopy(model)
+    want = {i: [] for i in range(LAYERS)}
+    hooks = [blk.register_forward_hook(lambda m, a, out, i=i: want[i].append(_first(out).detach().clone()))
+             for i, blk in enumerate(blocks(fl))]
+    with torch.no_grad():
+        for x in ids:
+            fl(input_ids=x[None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    seen = {}
+    original = pl.tweak_block
+
+    def spy(block, norms, inputs, targets, kwargs, tweak, i, L):
+        seen.setdefault((tweak.target, i), [t.clone() for t in targets])
+        return original(block, norms, inputs, targets, kwargs, tweak, i, L)
+
+    monkeypatch.setattr(pl, "tweak_block", spy)
+    results = {}
+    for target in ("local", "float"):
+        m = copy.deepcopy(model)
+        nt.pipeline.quantize(m, ids, cfg, nt.TweakConfig(lr=1e-3, target=target), progress=False)
+        results[target] = m.state_dict()
+    for i in range(LAYERS):
+        got = torch.cat(seen[("float", i)]).reshape(-1, HIDDEN)
+        assert torch.allclose(got, torch.cat(want[i]).reshape(-1, HIDDEN), rtol=1e-5, atol=1e-5), i
+    # Block 0 sees the embeddings either way; from block 1 on the quantized path has drifted from the float one.
+    last = LAYERS - 1
+    assert not torch.allclose(torch.cat(seen[("local", last)]), torch.cat(seen[("float", last)]), atol=1e-3)
+    assert any(not torch.equal(results["local"][k], v) for k, v in results["float"].items())
+
+    # Killed after block 0's checkpoint, then resumed: the same model as the uninterrupted run.
+    def dies_at_block_1(block, norms, inputs, targets, kwargs, tweak, i, L):
+        if i == 1:
+            raise KeyboardInterrupt
+        return original(block, norms, inputs, targets, kwargs, tweak, i, L)
+
+    tweak = nt.TweakConfig(lr=1e-3, target="float")
+    monkeypatch.setattr(pl, "tweak_block", dies_at_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        nt.pipeline.quantize(copy.deepcopy(model), ids, cfg, tweak, progress=False, checkpoint=str(tmp_path / "ck"))
+    monkeypatch.setattr(pl, "tweak_block", original)
+    resumed = copy.deepcopy(model)
+    nt.pipeline.quantize(resumed, ids, cfg, tweak, progress=False, checkpoint=str(tmp_path / "ck"), resume=True)
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, results["float"][k]), k
+    with pytest.raises(ValueError, match="target='global' is not 'local' or 'float'"):
+        nt.TweakConfig(target="global")
 
 
 def test_bench_weights_cache_reuses_the_same_gptq(tmp_path, monkeypatch):
