@@ -74,7 +74,7 @@ def parse_row(name: str) -> dict:
 
     The tweak keys are TweakConfig's: lr, scale, passes, loss, order (walk: inside the walk, Algorithm 1; after:
     a post-step on the finished quantized weights), target (local: Algorithm 1; float: the float model's own
-    activations)."""
+    activations), skip_first (positions left out of the loss)."""
     if name == "float":
         return {"method": "float"}
     parts = name.split("-")
@@ -92,7 +92,7 @@ def parse_row(name: str) -> dict:
         row["tweak"] = {}
         for kv in parts[3:]:
             k, _, v = kv.partition("=")
-            row["tweak"][k] = v if k in ("loss", "order", "target") else (int(v) if k == "passes" else float(v))
+            row["tweak"][k] = v if k in ("loss", "order", "target") else (int(v) if k in ("passes", "skip_first") else float(v))
     return row
 
 

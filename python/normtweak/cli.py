@@ -32,6 +32,9 @@ def _add_tweak_args(p: argparse.ArgumentParser) -> None:
                    help="local: tweak each block toward the float block's output on the quantized activations "
                         "(paper, Algorithm 1); float: toward the float model's own activations, so the norms also "
                         "absorb the error of the blocks before (see docs/findings.md)")
+    p.add_argument("--tweak-skip-first", type=int, default=0, metavar="N",
+                   help="leave the first N positions of every sample out of the tweak's loss (1: the attention-sink "
+                        "token, whose massive activations otherwise dominate the channel variances)")
     p.add_argument("--tweak-holdout", type=float, default=0.0,
                    help="fraction of calibration samples that only judge each block's tweak (rollback decision); "
                         "with a learning-rate search, the fraction held out to judge each lr0 (default 1/8)")
@@ -72,7 +75,7 @@ def _tweak_config(args):
     lr, grid = _parse_lr(args.tweak_lr)
     return TweakConfig(lr=lr, scale=args.tweak_scale, passes=args.tweak_passes, loss=args.loss,
                        holdout=args.tweak_holdout, lr_grid=grid, order=getattr(args, "tweak_order", "walk"),
-                       target=args.tweak_target)
+                       target=args.tweak_target, skip_first=args.tweak_skip_first)
 
 
 def _summary(report, out: Path, seconds: float) -> None:

@@ -55,6 +55,12 @@ class TweakConfig:
         OmniQuant's reconstructions do), so each block's norms also absorb the
         error the quantized blocks before it passed on. Costs one more copy of
         the calibration activations.
+    skip_first: leave the first N positions of every sample out of the loss.
+        The first token of a sequence (the attention sink) carries "massive
+        activations" in a few channels, thousands of times the others; over all
+        tokens those few values can make a channel's variance 3000x what it is
+        over the rest (SmolLM2, channel 507: docs/findings.md), so eq. 2 spends
+        its steps on one token. 1 drops that token from the statistics.
     """
 
     lr: float = 1e-5
@@ -67,6 +73,7 @@ class TweakConfig:
     lr_grid: tuple = ()
     order: str = "walk"
     target: str = "local"
+    skip_first: int = 0
 
     def __post_init__(self) -> None:
         if self.order not in ("walk", "after"):
@@ -88,6 +95,8 @@ class TweakConfig:
             raise ValueError(f"loss={self.loss!r} is not one of {', '.join(LOSSES)} (--loss)")
         if self.batch_size < 1:
             raise ValueError(f"tweak batch_size={self.batch_size} must be at least 1")
+        if self.skip_first < 0:
+            raise ValueError(f"tweak skip_first={self.skip_first} must be non-negative (--tweak-skip-first)")
 
 
 class ChannelDistLossFn(torch.autograd.Function):
@@ -244,12 +253,21 @@ def tweak_block(
     judge_x, judge_f = (inputs[-n_hold:], targets[-n_hold:]) if n_hold else (inputs, targets)
     inputs, targets = (inputs[:-n_hold], targets[:-n_hold]) if n_hold else (inputs, targets)
 
+    skip = config.skip_first
+    if skip and any(f.dim() < 3 or f.shape[1] <= skip for f in targets):
+        raise ValueError(f"skip_first={skip} leaves no token of a block output of shape "
+                         f"{tuple(targets[0].shape)} (--tweak-skip-first must be below the sequence length)")
+
+    def kept(t: torch.Tensor) -> torch.Tensor:  # [batch, seq, C] without the first `skip` positions
+        return t[:, skip:] if skip else t
+
     def eval_loss() -> float:
         total = 0.0
         with torch.no_grad():
             for x, f in zip(judge_x, judge_f):
                 total += _core.channel_dist_loss(
-                    f.float().contiguous(), _first(quant_block(x, **block_kwargs)).float().contiguous(), config.loss
+                    kept(f).float().contiguous(), kept(_first(quant_block(x, **block_kwargs))).float().contiguous(),
+                    config.loss
                 )
         return total / len(judge_x)
 
@@ -265,7 +283,7 @@ def tweak_block(
                     for p in params:
                         p.grad = None
                     q = _first(quant_block(x, **block_kwargs))
-                    channel_dist_loss(q, f, config.loss).backward()
+                    channel_dist_loss(kept(q), kept(f), config.loss).backward()
                     tweaker.step([p.grad.float().contiguous() for p in params])
                     if progress:
                         progress(1)

@@ -6,7 +6,7 @@ from conftest import realistic_activations
 
 import normtweak as nt
 from normtweak import _core
-from normtweak.tweak import NormFn
+from normtweak.tweak import NormFn, _first
 
 # float32 C++ vs float64 torch autograd of the same formulas.
 FWD_REL = 1e-5
@@ -124,3 +124,54 @@ def test_holdout_samples_judge_the_tweak_and_are_not_trained_on():
     assert r["loss_after"] <= r["loss_before"]
     with pytest.raises(ValueError, match="holdout=1.0"):
         nt.TweakConfig(holdout=1.0)
+
+
+def test_skip_first_leaves_the_sink_token_out_of_the_loss():
+    """skip_first=1: what the first position of the targets holds (here a massive activation, as an attention
+    sink carries) changes nothing; without it the same change moves the loss and the tweaked norms."""
+    import transformers as tf
+
+    from normtweak.models import block_norms, get_adapter
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=64, num_hidden_layers=1, hidden_size=32, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    block = model.model.layers[0]
+    norms = block_norms(block, get_adapter(model))
+    start = [p.detach().clone() for n in norms for p in n.params]
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(1, 8, 32, generator=g) for _ in range(6)]
+    pos = model.model.rotary_emb(xs[0], torch.arange(8)[None])
+    kw = {"position_embeddings": pos, "attention_mask": None}
+    with torch.no_grad():
+        fs = [1.1 * block(x, **kw) + 0.05 for x in xs]
+    sink = [f.clone() for f in fs]
+    for f in sink:
+        f[:, 0, 3] = 1e3
+
+    def run(targets, skip):
+        with torch.no_grad():
+            for p, s in zip([p for n in norms for p in n.params], start):
+                p.copy_(s)
+        r = nt.tweak_block(block, norms, xs, targets, kw, nt.TweakConfig(lr=1e-2, skip_first=skip, rollback=False),
+                           0, 1)
+        return r, [p.detach().clone() for n in norms for p in n.params]
+
+    (r_plain, w_plain), (r_sink, w_sink) = run(fs, 1), run(sink, 1)
+    assert r_plain["loss_before"] == r_sink["loss_before"]
+    assert all(torch.equal(a, b) for a, b in zip(w_plain, w_sink))
+    # The loss it reports is eq. 2 over positions 1.. only (double-precision twin).
+    with torch.no_grad():
+        for p, s in zip([p for n in norms for p in n.params], start):
+            p.copy_(s)
+        q = [_first(block(x, **kw)) for x in xs]
+    want = sum(dist_loss_torch(qi[0, 1:].double(), fi[0, 1:].double()).item() for qi, fi in zip(q, fs)) / len(xs)
+    assert r_plain["loss_before"] == pytest.approx(want, rel=FWD_REL)
+    (r0_plain, w0_plain), (r0_sink, w0_sink) = run(fs, 0), run(sink, 0)
+    assert r0_sink["loss_before"] > 10 * r0_plain["loss_before"]
+    assert any(not torch.equal(a, b) for a, b in zip(w0_plain, w0_sink))
+    with pytest.raises(ValueError, match="skip_first=8 leaves no token"):
+        nt.tweak_block(block, norms, xs, fs, kw, nt.TweakConfig(skip_first=8), 0, 1)
+    with pytest.raises(ValueError, match="skip_first=-1"):
+        nt.TweakConfig(skip_first=-1)
