@@ -79,7 +79,7 @@ class BlockCheckpoint:
         save_atomic({"next": index + 1, "inputs": next_inputs, "float_inputs": float_inputs},
                     self.folder / "inputs.pt")
 
-    def restore(self, layers):
+    def restore(self, layers) -> tuple[int, Optional[list[torch.Tensor]], list[dict], Optional[list[torch.Tensor]]]:
         """Load the completed blocks into `layers`; (first block to run, its inputs, the restored stats, the float
         model's inputs to it or None)."""
         path = self.folder / "inputs.pt"

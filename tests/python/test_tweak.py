@@ -102,7 +102,9 @@ def test_tweak_config_validation():
         nt.TweakConfig(passes=0)
 
 
-def test_holdout_samples_judge_the_tweak_and_are_not_trained_on():
+def one_llama_block(samples: int):
+    """A random one-block LLaMA: (block, its norms, `samples` inputs [1, 8, 32], block kwargs, targets the norms
+    can move toward)."""
     import transformers as tf
 
     from normtweak.models import block_norms, get_adapter
@@ -112,13 +114,17 @@ def test_holdout_samples_judge_the_tweak_and_are_not_trained_on():
                          num_key_value_heads=2, intermediate_size=64)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     block = model.model.layers[0]
-    norms = block_norms(block, get_adapter(model))
     g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(1, 8, 32, generator=g) for _ in range(8)]
+    xs = [torch.randn(1, 8, 32, generator=g) for _ in range(samples)]
     pos = model.model.rotary_emb(xs[0], torch.arange(8)[None])
     kw = {"position_embeddings": pos, "attention_mask": None}
     with torch.no_grad():
-        fs = [1.1 * block(x, **kw) + 0.05 for x in xs]  # a target the norms can move toward
+        fs = [1.1 * block(x, **kw) + 0.05 for x in xs]
+    return block, block_norms(block, get_adapter(model)), xs, kw, fs
+
+
+def test_holdout_samples_judge_the_tweak_and_are_not_trained_on():
+    block, norms, xs, kw, fs = one_llama_block(8)
     r = nt.tweak_block(block, norms, xs, fs, kw, nt.TweakConfig(lr=1e-2, holdout=0.25), 0, 1)
     assert r["steps"] == 6  # 8 samples, 2 held out
     assert r["loss_after"] <= r["loss_before"]
@@ -129,43 +135,27 @@ def test_holdout_samples_judge_the_tweak_and_are_not_trained_on():
 def test_skip_first_leaves_the_sink_token_out_of_the_loss():
     """skip_first=1: what the first position of the targets holds (here a massive activation, as an attention
     sink carries) changes nothing; without it the same change moves the loss and the tweaked norms."""
-    import transformers as tf
-
-    from normtweak.models import block_norms, get_adapter
-
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=64, num_hidden_layers=1, hidden_size=32, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64)
-    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
-    block = model.model.layers[0]
-    norms = block_norms(block, get_adapter(model))
-    start = [p.detach().clone() for n in norms for p in n.params]
-    g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(1, 8, 32, generator=g) for _ in range(6)]
-    pos = model.model.rotary_emb(xs[0], torch.arange(8)[None])
-    kw = {"position_embeddings": pos, "attention_mask": None}
+    block, norms, xs, kw, fs = one_llama_block(6)
+    params = [p for n in norms for p in n.params]
+    start = [p.detach().clone() for p in params]
     with torch.no_grad():
-        fs = [1.1 * block(x, **kw) + 0.05 for x in xs]
+        q = [_first(block(x, **kw)) for x in xs]  # the untweaked block's outputs
     sink = [f.clone() for f in fs]
     for f in sink:
         f[:, 0, 3] = 1e3
 
     def run(targets, skip):
         with torch.no_grad():
-            for p, s in zip([p for n in norms for p in n.params], start):
+            for p, s in zip(params, start):
                 p.copy_(s)
         r = nt.tweak_block(block, norms, xs, targets, kw, nt.TweakConfig(lr=1e-2, skip_first=skip, rollback=False),
                            0, 1)
-        return r, [p.detach().clone() for n in norms for p in n.params]
+        return r, [p.detach().clone() for p in params]
 
     (r_plain, w_plain), (r_sink, w_sink) = run(fs, 1), run(sink, 1)
     assert r_plain["loss_before"] == r_sink["loss_before"]
     assert all(torch.equal(a, b) for a, b in zip(w_plain, w_sink))
     # The loss it reports is eq. 2 over positions 1.. only (double-precision twin).
-    with torch.no_grad():
-        for p, s in zip([p for n in norms for p in n.params], start):
-            p.copy_(s)
-        q = [_first(block(x, **kw)) for x in xs]
     want = sum(dist_loss_torch(qi[0, 1:].double(), fi[0, 1:].double()).item() for qi, fi in zip(q, fs)) / len(xs)
     assert r_plain["loss_before"] == pytest.approx(want, rel=FWD_REL)
     (r0_plain, w0_plain), (r0_sink, w0_sink) = run(fs, 0), run(sink, 0)
