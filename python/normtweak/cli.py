@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .tweak import LOSSES
+from .tweak import LOSSES, TweakConfig
 
 log = logging.getLogger("normtweak")
 
@@ -35,6 +35,13 @@ def _add_tweak_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tweak-skip-first", type=int, default=0, metavar="N",
                    help="leave the first N positions of every sample out of the tweak's loss (1: the attention-sink "
                         "token, whose massive activations otherwise dominate the channel variances)")
+    p.add_argument("--tweak-final-norm", action="store_true",
+                   help="after the blocks, also tweak the final norm (before the LM head) toward the float model's "
+                        "next-token distribution (KL; not in the paper, see docs/findings.md)")
+    p.add_argument("--tweak-final-lr", type=float, default=TweakConfig.final_lr,
+                   help="Adam's rate for the final norm (--tweak-final-norm)")
+    p.add_argument("--tweak-final-passes", type=int, default=TweakConfig.final_passes,
+                   help="passes over the calibration set for the final norm (--tweak-final-norm)")
     p.add_argument("--tweak-holdout", type=float, default=0.0,
                    help="fraction of calibration samples that only judge each block's tweak (rollback decision); "
                         "with a learning-rate search, the fraction held out to judge each lr0 (default 1/8)")
@@ -75,7 +82,12 @@ def _tweak_config(args):
     lr, grid = _parse_lr(args.tweak_lr)
     return TweakConfig(lr=lr, scale=args.tweak_scale, passes=args.tweak_passes, loss=args.loss,
                        holdout=args.tweak_holdout, lr_grid=grid, order=getattr(args, "tweak_order", "walk"),
-                       target=args.tweak_target, skip_first=args.tweak_skip_first)
+                       target=args.tweak_target, skip_first=args.tweak_skip_first, final_norm=args.tweak_final_norm,
+                       final_lr=args.tweak_final_lr, final_passes=args.tweak_final_passes)
+
+
+def _final_norm_cell(f: dict) -> str:
+    return f"{f['loss_before']:.4g} -> {f['loss_after']:.4g} nats" + (" (rolled back)" if f["rolled_back"] else "")
 
 
 def _summary(report, out: Path, seconds: float) -> None:
@@ -89,6 +101,7 @@ def _summary(report, out: Path, seconds: float) -> None:
         ("mean |d var| before tweak", f"{sum(b['delta_var_before_tweak'] for b in blocks) / len(blocks):.4g}"),
         ("mean |d var| after", f"{sum(b['delta_var'] for b in blocks) / len(blocks):.4g}"),
         ("tweak rolled back", ", ".join(map(str, rolled)) or "none"),
+        *([("final norm: next-token KL", _final_norm_cell(report.final_norm))] if report.final_norm else []),
         ("RTN fallbacks", ", ".join(fallbacks) or "none"),
         ("time", f"{seconds:.1f} s"),
         ("output", str(out)),

@@ -40,6 +40,7 @@ class Adapter:
     # positive factor only (attention values -> output projection; a gated MLP's up -> down projection), so SmoothQuant
     # can fold 1/s into the producer's output rows. A consumer wider than its producer reads grouped heads (GQA).
     linear_pairs: tuple[tuple[str, str], ...] = ()
+    final_norm: str = "model.norm"  # dotted path from the CausalLM to the norm between the last block and the LM head
 
 
 _LLAMA = Adapter(
@@ -71,6 +72,7 @@ ADAPTERS: dict[str, Adapter] = {
         ),
         norm_kind="layer",
         linear_pairs=(("self_attn.v_proj", "self_attn.out_proj"),),
+        final_norm="model.decoder.final_layer_norm",
     ),
     "gpt2": Adapter(
         layers="transformer.h",
@@ -78,6 +80,7 @@ ADAPTERS: dict[str, Adapter] = {
         groups=(("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
         norm_kind="layer",
         conv1d=True,
+        final_norm="transformer.ln_f",
     ),
     "bloom": Adapter(
         layers="transformer.h",
@@ -89,6 +92,7 @@ ADAPTERS: dict[str, Adapter] = {
             ("mlp.dense_4h_to_h",),
         ),
         norm_kind="layer",
+        final_norm="transformer.ln_f",
     ),
     "gpt_neox": Adapter(
         layers="gpt_neox.layers",
@@ -100,6 +104,7 @@ ADAPTERS: dict[str, Adapter] = {
             ("mlp.dense_4h_to_h",),
         ),
         norm_kind="layer",
+        final_norm="gpt_neox.final_layer_norm",
     ),
 }
 
@@ -143,17 +148,36 @@ def keep_first_blocks(model: torch.nn.Module, n: int) -> torch.nn.Module:
     return model
 
 
+def _norm_info(root: torch.nn.Module, name: str, adapter: Adapter) -> NormInfo:
+    mod = get_module(root, name)
+    if getattr(mod, "weight", None) is None:
+        raise ValueError(f"norm {name!r} of {type(root).__name__} has no weight; nothing to tweak")
+    eps = getattr(mod, "variance_epsilon", None) or getattr(mod, "eps", None)
+    if eps is None:
+        raise ValueError(f"norm {name!r} ({type(mod).__name__}) has no eps attribute")
+    return NormInfo(name, mod, adapter.norm_kind, float(eps), adapter.unit_offset)
+
+
 def block_norms(block: torch.nn.Module, adapter: Adapter) -> list[NormInfo]:
-    out = []
-    for name in adapter.norms:
-        mod = get_module(block, name)
-        if getattr(mod, "weight", None) is None:
-            raise ValueError(f"norm {name!r} of {type(block).__name__} has no weight; nothing to tweak")
-        eps = getattr(mod, "variance_epsilon", None) or getattr(mod, "eps", None)
-        if eps is None:
-            raise ValueError(f"norm {name!r} ({type(mod).__name__}) has no eps attribute")
-        out.append(NormInfo(name, mod, adapter.norm_kind, float(eps), adapter.unit_offset))
-    return out
+    return [_norm_info(block, name, adapter) for name in adapter.norms]
+
+
+def final_norm(model: torch.nn.Module) -> NormInfo:
+    """The norm between the last block and the LM head (LLaMA's model.norm, GPT-2's ln_f)."""
+    adapter = get_adapter(model)
+    if get_module(model, adapter.final_norm) is None:
+        raise ValueError(f"{type(model).__name__} has no final norm ({adapter.final_norm} is None, e.g. OPT with "
+                         "do_layer_norm_before=False); turn off the final-norm tweak (--tweak-final-norm)")
+    return _norm_info(model, adapter.final_norm, adapter)
+
+
+def head_logits(model: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """Logits from the final norm's output y, as the model's own forward computes them (OPT's project_out, when
+    its word embeddings are narrower than the blocks, sits between the two)."""
+    project_out = getattr(getattr(getattr(model, "model", None), "decoder", None), "project_out", None)
+    if project_out is not None:
+        y = project_out(y)
+    return model.get_output_embeddings()(y)
 
 
 def linear_weight(module: torch.nn.Module, adapter: Adapter) -> torch.Tensor:

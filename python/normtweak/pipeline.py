@@ -21,8 +21,9 @@ from typing import Optional
 import torch
 
 from . import core
-from .models import Adapter, block_norms, blocks, get_adapter, get_module, linear_weight, set_linear_weight
-from .tweak import TweakConfig, _first, run_watching_inputs, tweak_block
+from .models import (Adapter, block_norms, blocks, final_norm, get_adapter, get_module, head_logits, linear_weight,
+                     set_linear_weight)
+from .tweak import TweakConfig, _first, run_watching_inputs, tweak_block, tweak_final_norm
 
 log = logging.getLogger("normtweak")
 
@@ -116,6 +117,7 @@ class QuantizeReport:
     seconds: float
     layers_quantized: int
     lr_search: Optional[dict] = None
+    final_norm: Optional[dict] = None  # tweak_final_norm's stats when TweakConfig.final_norm
 
 
 class _StopForward(Exception):
@@ -264,8 +266,12 @@ def quantize(
     L = len(layers)
     stats: list[BlockStats] = []
     start = 0
-    # target="float": the float model's own activations, carried through the float blocks beside the quantized ones
-    finputs = inputs if tweak is not None and tweak.target == "float" else None
+    # target="float" and the final-norm tweak: the float model's own activations, carried through the float blocks
+    # beside the quantized ones
+    finputs = inputs if tweak is not None and (tweak.target == "float" or tweak.final_norm) else None
+    # the final norm's float twin, taken before anything is tweaked (in the walk, `model` is the float model so far)
+    float_ref = model if float_model is None else float_model
+    fnorm = copy.deepcopy(final_norm(float_ref).module) if tweak is not None and tweak.final_norm else None
     ckpt = None
     if checkpoint is not None:
         from .checkpoint import BlockCheckpoint, fingerprint
@@ -288,10 +294,11 @@ def quantize(
             for a, b in zip(block_norms(ref_block, adapter), block_norms(block, adapter)):
                 if a.module.weight.shape != b.module.weight.shape:
                     raise ValueError(f"block {i}: norm {a.name} shapes differ between float and quantized models")
-        if finputs is None:
-            targets = _run(ref_block, inputs, kwargs)  # fOut_l on the quantized model's activations
-        else:
-            targets = _run(ref_block, finputs, kwargs)  # fOut_l on the float model's activations
+        targets = _run(ref_block, inputs, kwargs) if tweak is None or tweak.target == "local" else None
+        fnext = _run(ref_block, finputs, kwargs) if finputs is not None else None  # the float path's next input
+        if targets is None:
+            targets = fnext  # fOut_l on the float model's activations
+        # else fOut_l on the quantized model's activations (Algorithm 1)
         fallbacks: list = []
         smoothing: list = []
         if float_model is None:
@@ -322,20 +329,41 @@ def quantize(
         stats.append(BlockStats(i, dmu, dvar, dmu0, dvar0, tstats, fallbacks, time.perf_counter() - t0, smoothing))
         inputs = outs
         if finputs is not None:
-            finputs = targets
+            finputs = fnext
         if ckpt is not None:
             ckpt.save_block(i, block, asdict(stats[-1]), inputs, finputs)
         bar.set_postfix(dmu=f"{dmu:.3g}", dvar=f"{dvar:.3g}")
         bar.update(1)
-        del targets
+        del targets, fnext
     bar.close()
+    fstats = None
+    if fnorm is not None:
+        fstats = _tweak_final_norm(model, float_ref, fnorm, inputs, finputs, tweak, progress)
     return QuantizeReport(
         config=asdict(config),
         tweak=asdict(tweak) if tweak else None,
         blocks=[asdict(s) for s in stats],
         seconds=time.perf_counter() - t_start,
         layers_quantized=0 if float_model is not None else L * sum(len(g) for g in adapter.groups),
+        final_norm=fstats,
     )
+
+
+def _tweak_final_norm(model, float_model, fnorm: torch.nn.Module, inputs, finputs, tweak: TweakConfig,
+                      progress: bool) -> dict:
+    """TweakConfig.final_norm: the final norm toward the float model's next-token distribution (tweak.py)."""
+    from tqdm.auto import tqdm
+
+    norm = final_norm(model)
+    n_train = len(inputs) - int(len(inputs) * tweak.holdout)
+    steps = tweak.final_passes * -(-max(1, n_train) // tweak.batch_size)
+    with tqdm(total=steps, desc="tweaking the final norm", unit="step", disable=not progress) as bar:
+        out = tweak_final_norm(norm, lambda y: head_logits(model, y), inputs,
+                               lambda h: head_logits(float_model, fnorm(h)), finputs, tweak,
+                               frozen=model.parameters(), progress=bar.update)
+    log.info("final norm: next-token KL %.4g -> %.4g nats%s", out["loss_before"], out["loss_after"],
+             " (rolled back)" if out["rolled_back"] else "")
+    return out
 
 
 def _take_quantization_stats(tweak_blocks: list[dict], quant_blocks: list[dict]) -> None:
@@ -360,6 +388,7 @@ def _quantize_then_tweak(model, calib, config: GPTQConfig, tweak: TweakConfig, p
         blocks=trep.blocks,
         seconds=time.perf_counter() - t0,
         layers_quantized=qrep.layers_quantized,
+        final_norm=trep.final_norm,
     )
 
 
@@ -395,4 +424,5 @@ def _quantize_with_lr_search(model, calib, config: GPTQConfig, tweak: TweakConfi
         seconds=time.perf_counter() - t0,
         layers_quantized=qrep.layers_quantized if qrep else 0,
         lr_search=asdict(search),
+        final_norm=trep.final_norm,
     )

@@ -22,7 +22,8 @@ from typing import Optional
 
 import torch
 
-from .models import block_norms, blocks, get_adapter
+from .models import block_norms, blocks, final_norm, get_adapter, get_module
+from .tweak import next_token_kl
 
 log = logging.getLogger("normtweak")
 
@@ -57,21 +58,28 @@ def heldout_kl(float_model, qmodel, ids: torch.Tensor) -> float:
     total, count = 0.0, 0
     for i in range(ids.shape[0]):
         x = ids[i : i + 1]
-        lf = torch.log_softmax(float_model(input_ids=x, use_cache=False).logits.float(), -1)
-        lq = torch.log_softmax(qmodel(input_ids=x, use_cache=False).logits.float(), -1)
-        total += (lf.exp() * (lf - lq)).sum().item()
+        q, f = (m(input_ids=x, use_cache=False).logits for m in (qmodel, float_model))
+        kl = next_token_kl(q, f)
+        total += kl.item() * x.shape[1]
         count += x.shape[1]
     return total / count
 
 
-def norm_state(model) -> list[torch.Tensor]:
+def _norm_params(model) -> list[torch.nn.Parameter]:
+    """Every norm parameter a tweak walk may move: the blocks' and the final norm's."""
     adapter = get_adapter(model)
-    return [p.detach().clone() for blk in blocks(model) for n in block_norms(blk, adapter) for p in n.params]
+    params = [p for blk in blocks(model) for n in block_norms(blk, adapter) for p in n.params]
+    if get_module(model, adapter.final_norm) is not None:
+        params += final_norm(model).params
+    return params
+
+
+def norm_state(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in _norm_params(model)]
 
 
 def load_norm_state(model, state: list[torch.Tensor]) -> None:
-    adapter = get_adapter(model)
-    params = [p for blk in blocks(model) for n in block_norms(blk, adapter) for p in n.params]
+    params = _norm_params(model)
     with torch.no_grad():
         for p, s in zip(params, state, strict=True):
             p.copy_(s)

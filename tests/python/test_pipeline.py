@@ -326,3 +326,51 @@ def test_bench_weights_cache_reuses_the_same_gptq(tmp_path, monkeypatch):
         assert torch.equal(vb, vc), k
     bench.quantize_cached(copy.deepcopy(model), calib(seed=1), cfg, tmp_path)
     assert len(list(tmp_path.glob("weights-*.pt"))) == 2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_final_norm_tweak_every_architecture(arch):
+    """The adapter's final norm and head_logits rebuild the model's own logits from the last block's output; the
+    final-norm tweak then reports the quantized model's true next-token KL to the float model on held-out samples."""
+    from normtweak.models import final_norm, head_logits
+    from normtweak.search import heldout_kl
+
+    model = tiny(arch)
+    norm = final_norm(model)
+    with torch.no_grad():
+        norm.module.weight.mul_(1 + 0.1 * torch.randn_like(norm.module.weight))
+    ref = copy.deepcopy(model)
+    ids = calib()
+    last = []
+    hook = blocks(model)[-1].register_forward_hook(lambda m, a, out: last.append(_first(out)))
+    with torch.no_grad():
+        logits = model(input_ids=ids[:2]).logits
+        hook.remove()
+        torch.testing.assert_close(head_logits(model, norm.module(last[0])), logits)
+    w0 = norm.module.weight.detach().clone()
+    tweak = nt.TweakConfig(lr=1e-3, final_norm=True, final_lr=1e-2, final_passes=3, holdout=0.25)
+    rep = nt.pipeline.quantize(model, ids, nt.GPTQConfig(bits=3, group_size=32), tweak, progress=False)
+    f = rep.final_norm
+    assert f["steps"] == 3 * 6 and f["loss_after"] <= f["loss_before"]
+    assert f["loss_after"] == pytest.approx(heldout_kl(ref, model, ids[6:]), rel=1e-4)
+    assert f["rolled_back"] or not torch.equal(norm.module.weight, w0)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_final_norm_tweak_post_step_and_in_the_lr_search():
+    """Post-step, the float targets come from the float model; a losing lr0 leaves the final norm untouched too."""
+    from normtweak.models import final_norm
+    from normtweak.search import heldout_kl
+
+    model, ref = tiny("llama"), tiny("llama")
+    ids = calib()
+    nt.pipeline.quantize(model, ids, nt.GPTQConfig(bits=3, group_size=32), None, progress=False)
+    rep = nt.tweak(ref, model, ids, nt.TweakConfig(lr=1e-3, final_norm=True, final_lr=1e-2, rollback=False),
+                   progress=False)
+    assert rep.final_norm["loss_after"] == pytest.approx(heldout_kl(ref, model, ids), rel=1e-4)
+    assert rep.final_norm["loss_after"] < rep.final_norm["loss_before"]
+    w = final_norm(model).module.weight.detach().clone()
+    rep2 = nt.tweak(ref, model, ids, nt.TweakConfig(lr_grid=(50.0,), holdout=0.25, rollback=False, final_norm=True,
+                                                    final_lr=50.0), progress=False)
+    assert rep2.lr_search["lr"] is None and rep2.final_norm is None
+    assert torch.equal(final_norm(model).module.weight, w)
