@@ -74,8 +74,8 @@ def parse_row(name: str) -> dict:
 
     The tweak keys are TweakConfig's: lr, scale, passes, loss, order (walk: inside the walk, Algorithm 1; after:
     a post-step on the finished quantized weights), target (local: Algorithm 1; float: the float model's own
-    activations), skip_first (positions left out of the loss), final_norm=1 (also the final norm, toward the float
-    next-token distribution), final_lr, final_passes."""
+    activations), skip_first (positions left out of the loss), kl_norms (final|all: a second stage on the
+    next-token KL), kl_lr, kl_passes."""
     if name == "float":
         return {"method": "float"}
     parts = name.split("-")
@@ -93,9 +93,9 @@ def parse_row(name: str) -> dict:
         row["tweak"] = {}
         for kv in parts[3:]:
             k, _, v = kv.partition("=")
-            ints = ("passes", "skip_first", "final_passes")
-            row["tweak"][k] = (v if k in ("loss", "order", "target") else bool(int(v)) if k == "final_norm"
-                               else int(v) if k in ints else float(v))
+            ints = ("passes", "skip_first", "kl_passes")
+            row["tweak"][k] = (v if k in ("loss", "order", "target", "kl_norms") else int(v) if k in ints
+                               else float(v))
     return row
 
 

@@ -35,13 +35,12 @@ def _add_tweak_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tweak-skip-first", type=int, default=0, metavar="N",
                    help="leave the first N positions of every sample out of the tweak's loss (1: the attention-sink "
                         "token, whose massive activations otherwise dominate the channel variances)")
-    p.add_argument("--tweak-final-norm", action="store_true",
-                   help="after the blocks, also tweak the final norm (before the LM head) toward the float model's "
-                        "next-token distribution (KL; not in the paper, see docs/findings.md)")
-    p.add_argument("--tweak-final-lr", type=float, default=TweakConfig.final_lr,
-                   help="Adam's rate for the final norm (--tweak-final-norm)")
-    p.add_argument("--tweak-final-passes", type=int, default=TweakConfig.final_passes,
-                   help="passes over the calibration set for the final norm (--tweak-final-norm)")
+    p.add_argument("--kl-tweak", choices=("off", "final", "all"), default="off",
+                   help="after the block walk, tweak the final norm or every norm toward the float model's next-token "
+                        "distribution (KL, end to end; not in the paper, see docs/findings.md)")
+    p.add_argument("--kl-lr", type=float, default=TweakConfig.kl_lr, help="Adam's rate for --kl-tweak")
+    p.add_argument("--kl-passes", type=int, default=TweakConfig.kl_passes,
+                   help="passes over the calibration set for --kl-tweak")
     p.add_argument("--tweak-holdout", type=float, default=0.0,
                    help="fraction of calibration samples that only judge each block's tweak (rollback decision); "
                         "with a learning-rate search, the fraction held out to judge each lr0 (default 1/8)")
@@ -82,11 +81,11 @@ def _tweak_config(args):
     lr, grid = _parse_lr(args.tweak_lr)
     return TweakConfig(lr=lr, scale=args.tweak_scale, passes=args.tweak_passes, loss=args.loss,
                        holdout=args.tweak_holdout, lr_grid=grid, order=getattr(args, "tweak_order", "walk"),
-                       target=args.tweak_target, skip_first=args.tweak_skip_first, final_norm=args.tweak_final_norm,
-                       final_lr=args.tweak_final_lr, final_passes=args.tweak_final_passes)
+                       target=args.tweak_target, skip_first=args.tweak_skip_first, kl_norms=args.kl_tweak,
+                       kl_lr=args.kl_lr, kl_passes=args.kl_passes)
 
 
-def _final_norm_cell(f: dict) -> str:
+def _kl_cell(f: dict) -> str:
     return f"{f['loss_before']:.4g} -> {f['loss_after']:.4g} nats" + (" (rolled back)" if f["rolled_back"] else "")
 
 
@@ -101,7 +100,8 @@ def _summary(report, out: Path, seconds: float) -> None:
         ("mean |d var| before tweak", f"{sum(b['delta_var_before_tweak'] for b in blocks) / len(blocks):.4g}"),
         ("mean |d var| after", f"{sum(b['delta_var'] for b in blocks) / len(blocks):.4g}"),
         ("tweak rolled back", ", ".join(map(str, rolled)) or "none"),
-        *([("final norm: next-token KL", _final_norm_cell(report.final_norm))] if report.final_norm else []),
+        *([(f"KL tweak ({report.tweak['kl_norms']}): next-token KL", _kl_cell(report.kl_tweak))]
+          if report.kl_tweak else []),
         ("RTN fallbacks", ", ".join(fallbacks) or "none"),
         ("time", f"{seconds:.1f} s"),
         ("output", str(out)),

@@ -23,7 +23,7 @@ import torch
 from . import core
 from .models import (Adapter, block_norms, blocks, final_norm, get_adapter, get_module, head_logits, linear_weight,
                      set_linear_weight)
-from .tweak import TweakConfig, _first, run_watching_inputs, tweak_block, tweak_final_norm
+from .tweak import TweakConfig, _first, run_watching_inputs, tweak_block, tweak_norms_kl
 
 log = logging.getLogger("normtweak")
 
@@ -117,7 +117,7 @@ class QuantizeReport:
     seconds: float
     layers_quantized: int
     lr_search: Optional[dict] = None
-    final_norm: Optional[dict] = None  # tweak_final_norm's stats when TweakConfig.final_norm
+    kl_tweak: Optional[dict] = None  # tweak_norms_kl's stats when TweakConfig.kl_norms is not "off"
 
 
 class _StopForward(Exception):
@@ -266,12 +266,13 @@ def quantize(
     L = len(layers)
     stats: list[BlockStats] = []
     start = 0
-    # target="float" and the final-norm tweak: the float model's own activations, carried through the float blocks
-    # beside the quantized ones
-    finputs = inputs if tweak is not None and (tweak.target == "float" or tweak.final_norm) else None
+    # target="float" and the KL stage: the float model's own activations, carried through the float blocks beside
+    # the quantized ones
+    kl_stage = tweak is not None and tweak.kl_norms != "off"
+    finputs = inputs if tweak is not None and (tweak.target == "float" or kl_stage) else None
     # the final norm's float twin, taken before anything is tweaked (in the walk, `model` is the float model so far)
     float_ref = model if float_model is None else float_model
-    fnorm = copy.deepcopy(final_norm(float_ref).module) if tweak is not None and tweak.final_norm else None
+    fnorm = copy.deepcopy(final_norm(float_ref).module) if kl_stage else None
     ckpt = None
     if checkpoint is not None:
         from .checkpoint import BlockCheckpoint, fingerprint
@@ -336,33 +337,51 @@ def quantize(
         bar.update(1)
         del targets, fnext
     bar.close()
-    fstats = None
-    if fnorm is not None:
-        fstats = _tweak_final_norm(model, float_ref, fnorm, inputs, finputs, tweak, progress)
+    kl_stats = None
+    if kl_stage:
+        kl_stats = _kl_stage(model, calib, float_ref, fnorm, inputs, finputs, tweak, progress)
     return QuantizeReport(
         config=asdict(config),
         tweak=asdict(tweak) if tweak else None,
         blocks=[asdict(s) for s in stats],
         seconds=time.perf_counter() - t_start,
         layers_quantized=0 if float_model is not None else L * sum(len(g) for g in adapter.groups),
-        final_norm=fstats,
+        kl_tweak=kl_stats,
     )
 
 
-def _tweak_final_norm(model, float_model, fnorm: torch.nn.Module, inputs, finputs, tweak: TweakConfig,
-                      progress: bool) -> dict:
-    """TweakConfig.final_norm: the final norm toward the float model's next-token distribution (tweak.py)."""
+def _kl_stage(model, calib, float_ref, fnorm: torch.nn.Module, inputs, finputs, tweak: TweakConfig,
+              progress: bool) -> dict:
+    """TweakConfig.kl_norms: the final norm ("final") or every norm ("all") toward the float model's next-token
+    distribution (tweak.py). The float logits come from the float path's last block outputs, so no float copy of
+    the model is needed in the walk."""
     from tqdm.auto import tqdm
 
     norm = final_norm(model)
+
+    def float_logits(idx: list[int]) -> torch.Tensor:
+        return head_logits(float_ref, fnorm(torch.cat([finputs[j] for j in idx])))
+
+    if tweak.kl_norms == "final":
+        norms = [norm]
+
+        def quant_logits(idx: list[int]) -> torch.Tensor:
+            return head_logits(model, norm.module(torch.cat([inputs[j] for j in idx])))
+    else:
+        adapter = get_adapter(model)
+        norms = [n for blk in blocks(model) for n in block_norms(blk, adapter)] + [norm]
+
+        def quant_logits(idx: list[int]) -> torch.Tensor:
+            return model(input_ids=calib[idx], use_cache=False).logits
+
     n_train = len(inputs) - int(len(inputs) * tweak.holdout)
-    steps = tweak.final_passes * -(-max(1, n_train) // tweak.batch_size)
-    with tqdm(total=steps, desc="tweaking the final norm", unit="step", disable=not progress) as bar:
-        out = tweak_final_norm(norm, lambda y: head_logits(model, y), inputs,
-                               lambda h: head_logits(float_model, fnorm(h)), finputs, tweak,
-                               frozen=model.parameters(), progress=bar.update)
-    log.info("final norm: next-token KL %.4g -> %.4g nats%s", out["loss_before"], out["loss_after"],
-             " (rolled back)" if out["rolled_back"] else "")
+    steps = tweak.kl_passes * -(-max(1, n_train) // tweak.batch_size)
+    desc = "KL tweak of the final norm" if tweak.kl_norms == "final" else f"KL tweak of all {len(norms)} norms"
+    with tqdm(total=steps, desc=desc, unit="step", disable=not progress) as bar:
+        out = tweak_norms_kl(norms, quant_logits, float_logits, len(inputs), tweak, frozen=model.parameters(),
+                             progress=bar.update)
+    log.info("KL tweak (%s): next-token KL %.4g -> %.4g nats%s", tweak.kl_norms, out["loss_before"],
+             out["loss_after"], " (rolled back)" if out["rolled_back"] else "")
     return out
 
 
@@ -388,7 +407,7 @@ def _quantize_then_tweak(model, calib, config: GPTQConfig, tweak: TweakConfig, p
         blocks=trep.blocks,
         seconds=time.perf_counter() - t0,
         layers_quantized=qrep.layers_quantized,
-        final_norm=trep.final_norm,
+        kl_tweak=trep.kl_tweak,
     )
 
 
@@ -424,5 +443,5 @@ def _quantize_with_lr_search(model, calib, config: GPTQConfig, tweak: TweakConfi
         seconds=time.perf_counter() - t0,
         layers_quantized=qrep.layers_quantized if qrep else 0,
         lr_search=asdict(search),
-        final_norm=trep.final_norm,
+        kl_tweak=trep.kl_tweak,
     )

@@ -63,15 +63,17 @@ class TweakConfig:
         over the rest (SmolLM2, channel 507: docs/findings.md). With target
         "float" eq. 2 then spends its steps on that token; with local targets
         leaving it out (1) changed nothing measurable on SmolLM2.
-    final_norm: after the last block, also tweak the model's final norm (the one
-        before the LM head) so the quantized model's next-token distribution
-        matches the float model's: Adam on KL(float || quantized) over the
-        calibration tokens, through the frozen LM head (:func:`tweak_final_norm`).
-        Not in the paper, which tweaks the blocks' norms only; eq. 2 matches
-        channel statistics of block outputs, which on SmolLM2 never raised
-        LAMBADA accuracy at 3 bits (docs/findings.md).
-    final_lr: Adam's rate for the final norm (the blocks' lr0 schedule does not apply).
-    final_passes: passes over the calibration set for the final norm.
+    kl_norms: after the block walk, a second stage that tweaks norms so the
+        quantized model's next-token distribution matches the float model's:
+        Adam on KL(float || quantized) over the calibration tokens
+        (:func:`tweak_norms_kl`). "off" (the paper), "final" (the norm before
+        the LM head only, through the frozen head: cheap) or "all" (every norm
+        of the model, end to end through the frozen quantized blocks: one
+        forward and backward of the model per step). Not in the paper, which
+        tweaks each block's norms toward eq. 2's channel statistics; on SmolLM2
+        those never raised LAMBADA accuracy at 3 bits (docs/findings.md).
+    kl_lr: Adam's rate for that stage (one rate for every norm; eq. 3's schedule does not apply).
+    kl_passes: passes over the calibration set for that stage.
     """
 
     lr: float = 1e-5
@@ -85,9 +87,9 @@ class TweakConfig:
     order: str = "walk"
     target: str = "local"
     skip_first: int = 0
-    final_norm: bool = False
-    final_lr: float = 1e-3
-    final_passes: int = 2
+    kl_norms: str = "off"
+    kl_lr: float = 1e-3
+    kl_passes: int = 1
 
     def __post_init__(self) -> None:
         if self.order not in ("walk", "after"):
@@ -109,10 +111,12 @@ class TweakConfig:
             raise ValueError(f"loss={self.loss!r} is not one of {', '.join(LOSSES)} (--loss)")
         if self.batch_size < 1:
             raise ValueError(f"tweak batch_size={self.batch_size} must be at least 1")
-        if not self.final_lr > 0:
-            raise ValueError(f"tweak final_lr={self.final_lr} must be positive (--tweak-final-lr)")
-        if self.final_passes < 1:
-            raise ValueError(f"tweak final_passes={self.final_passes} must be at least 1 (--tweak-final-passes)")
+        if self.kl_norms not in ("off", "final", "all"):
+            raise ValueError(f"tweak kl_norms={self.kl_norms!r} is not 'off', 'final' or 'all' (--kl-tweak)")
+        if not self.kl_lr > 0:
+            raise ValueError(f"tweak kl_lr={self.kl_lr} must be positive (--kl-lr)")
+        if self.kl_passes < 1:
+            raise ValueError(f"tweak kl_passes={self.kl_passes} must be at least 1 (--kl-passes)")
         if self.skip_first < 0:
             raise ValueError(f"tweak skip_first={self.skip_first} must be non-negative (--tweak-skip-first)")
 
@@ -360,51 +364,54 @@ def next_token_kl(q_logits: torch.Tensor, f_logits: torch.Tensor) -> torch.Tenso
     return (lf.exp() * (lf - lq)).sum(-1).mean()
 
 
-def tweak_final_norm(
-    norm: NormInfo,
-    head: Callable[[torch.Tensor], torch.Tensor],
-    inputs: Sequence[torch.Tensor],
-    float_logits: Callable[[torch.Tensor], torch.Tensor],
-    float_inputs: Sequence[torch.Tensor],
+def tweak_norms_kl(
+    norms: Sequence[NormInfo],
+    quant_logits: Callable[[list[int]], torch.Tensor],
+    float_logits: Callable[[list[int]], torch.Tensor],
+    samples: int,
     config: TweakConfig,
     frozen=(),
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Tweak the final norm (between the last block and the LM head) toward the float model's next-token
-    distribution: Adam at `config.final_lr` for `config.final_passes` passes on KL(float || quantized).
+    """Tweak `norms` so the quantized model's next-token distribution matches the float model's: Adam (the C++
+    NormTweaker, rate `config.kl_lr`, `config.kl_passes` passes) on KL(float || quantized) over the calibration
+    samples, the norms' backward in C++. TweakConfig.kl_norms picks the norms: the final one, or every one.
 
-    norm: the quantized model's final norm (updated in place).
-    head: norm output -> logits (the quantized model's LM head; frozen).
-    inputs: the quantized model's last block outputs, each [batch, seq, C].
-    float_logits: float last block output -> logits (the float model's final norm and head).
-    float_inputs: the float model's last block outputs on the same samples.
-    frozen: parameters to hold fixed while the norm trains (the LM head's, which may share the embedding).
+    quant_logits: sample indices -> the quantized model's logits [batch, seq, vocab] (through `norms`, with grad).
+    float_logits: sample indices -> the float model's logits on the same samples (computed without grad).
+    samples: how many calibration samples there are; the last `config.holdout` of them only judge the tweak.
+    frozen: parameters held fixed while the norms train (the rest of the model).
     Returns {"loss_before", "loss_after", "lr", "rolled_back", "steps"}; the losses are the KL in nats per token
     (on the held-out samples when `config.holdout` > 0).
     """
-    if len(inputs) != len(float_inputs):
-        raise ValueError(f"final norm: {len(inputs)} quantized but {len(float_inputs)} float samples")
-    params = norm.params
-    tweaker = _core.NormTweaker(config.final_lr, 0.0, config.final_passes, 1)
+    if not norms:
+        raise ValueError("tweak_norms_kl needs at least one norm module")
+    params = [p for n in norms for p in n.params]
+    tweaker = _core.NormTweaker(config.kl_lr, 0.0, config.kl_passes, 1)
     tweaker.begin_layer(0, [p.data for p in params])
-    inputs, float_inputs, judge_x, judge_f = _split_holdout(inputs, float_inputs, config.holdout)
-    kept = _kept(float_inputs, config.skip_first)
+    idx = list(range(samples))
+    train, _, judge, _ = _split_holdout(idx, idx, config.holdout)
+    skip = config.skip_first
 
-    def loss(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    def loss(batch: list[int]) -> torch.Tensor:
         with torch.no_grad():
-            target = float_logits(kept(f))
-        return next_token_kl(head(norm.module(kept(x))), target)
+            target = float_logits(batch)
+        if skip and target.shape[1] <= skip:
+            raise ValueError(f"skip_first={skip} leaves no token of {target.shape[1]}-token samples "
+                             "(--tweak-skip-first must be below the sequence length)")
+        return next_token_kl(quant_logits(batch)[:, skip:], target[:, skip:])
 
     def eval_loss() -> float:
         with torch.no_grad():
-            return sum(loss(x, f).item() for x, f in zip(judge_x, judge_f)) / len(judge_x)
+            return sum(loss([j]).item() for j in judge) / len(judge)
 
     def losses() -> Iterator[torch.Tensor]:
-        for x, f in _batches(inputs, float_inputs, config, config.final_passes):
-            yield loss(x, f)
+        for _ in range(config.kl_passes):
+            for start in range(0, len(train), config.batch_size):
+                yield loss(train[start : start + config.batch_size])
 
-    out = _adam_with_rollback(params, [norm], frozen, tweaker, losses, eval_loss, config.rollback, progress)
+    out = _adam_with_rollback(params, norms, frozen, tweaker, losses, eval_loss, config.rollback, progress)
     if out["rolled_back"]:
-        log.info("final norm: tweaking raised the next-token KL (%.4g -> %.4g); norm rolled back",
-                 out["loss_before"], out["loss_after"])
-    return {**out, "lr": config.final_lr}
+        log.info("KL tweak: the next-token KL rose (%.4g -> %.4g); norms rolled back", out["loss_before"],
+                 out["loss_after"])
+    return {**out, "lr": config.kl_lr}

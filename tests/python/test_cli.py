@@ -19,10 +19,10 @@ def test_quantize_with_report_then_eval(tiny_model_dir, tmp_path, capsys):
     out, png, js = tmp_path / "q", tmp_path / "fig1.png", tmp_path / "r.json"
     rc = cli.main(["quantize", "--model", str(tiny_model_dir), "--out", str(out), "--wbits", "3", "--group-size",
                    "32", "--act-order", "--tweak", "--tweak-lr", "1e-3", "--calib", "text:emma", "--nsamples", "4",
-                   "--seqlen", "32", "--report", str(png), "--tweak-final-norm", "--tweak-final-lr", "1e-2"])
+                   "--seqlen", "32", "--report", str(png), "--kl-tweak", "final", "--kl-lr", "1e-2"])
     assert rc == 0
     summary = capsys.readouterr().out
-    assert "mean |d mu| after" in summary and "RTN fallbacks" in summary and "final norm: next-token KL" in summary
+    assert "mean |d mu| after" in summary and "RTN fallbacks" in summary and "KL tweak (final): next-token KL" in summary
     # The tweaked final norm is what the checkpoint holds.
     from safetensors.torch import load_file
 
@@ -142,11 +142,11 @@ def test_tweak_lr_option_takes_a_value_a_list_or_auto():
     assert cli._tweak_config(args).order == "after" and cli._tweak_config(args).target == "local"
     args = cli.build_parser().parse_args(["tweak", "--float", "f", "--quantized", "q", "--out", "o",
                                           "--tweak-target", "float"])
-    assert cli._tweak_config(args).target == "float" and not cli._tweak_config(args).final_norm
-    args = cli.build_parser().parse_args(["tweak", "--float", "f", "--quantized", "q", "--out", "o", "--tweak-final-norm",
-                                          "--tweak-final-lr", "0.01", "--tweak-final-passes", "3"])
+    assert cli._tweak_config(args).target == "float" and cli._tweak_config(args).kl_norms == "off"
+    args = cli.build_parser().parse_args(["tweak", "--float", "f", "--quantized", "q", "--out", "o", "--kl-tweak",
+                                          "all", "--kl-lr", "0.01", "--kl-passes", "3"])
     t = cli._tweak_config(args)
-    assert t.final_norm and t.final_lr == 0.01 and t.final_passes == 3
+    assert t.kl_norms == "all" and t.kl_lr == 0.01 and t.kl_passes == 3
 
 
 def test_cli_smoothquant_w8a8_with_tweak(tiny_model_dir, tmp_path, capsys):

@@ -329,11 +329,12 @@ def test_bench_weights_cache_reuses_the_same_gptq(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_final_norm_tweak_every_architecture(arch):
-    """The adapter's final norm and head_logits rebuild the model's own logits from the last block's output; the
-    final-norm tweak then reports the quantized model's true next-token KL to the float model on held-out samples."""
+@pytest.mark.parametrize("which", ["final", "all"])
+def test_kl_tweak_every_architecture(arch, which):
+    """The adapter's final norm and head_logits rebuild the model's own logits from the last block's output; the KL
+    tweak then lowers the quantized model's true next-token KL to the float model, and moves the norms it names."""
     from normtweak.models import final_norm, head_logits
-    from normtweak.search import heldout_kl
+    from normtweak.search import heldout_kl, norm_state
 
     model = tiny(arch)
     norm = final_norm(model)
@@ -347,17 +348,23 @@ def test_final_norm_tweak_every_architecture(arch):
         logits = model(input_ids=ids[:2]).logits
         hook.remove()
         torch.testing.assert_close(head_logits(model, norm.module(last[0])), logits)
-    w0 = norm.module.weight.detach().clone()
-    tweak = nt.TweakConfig(lr=1e-3, final_norm=True, final_lr=1e-2, final_passes=3, holdout=0.25)
-    rep = nt.pipeline.quantize(model, ids, nt.GPTQConfig(bits=3, group_size=32), tweak, progress=False)
-    f = rep.final_norm
-    assert f["steps"] == 3 * 6 and f["loss_after"] <= f["loss_before"]
-    assert f["loss_after"] == pytest.approx(heldout_kl(ref, model, ids[6:]), rel=1e-4)
-    assert f["rolled_back"] or not torch.equal(norm.module.weight, w0)
+    plain = copy.deepcopy(model)
+    cfg = nt.GPTQConfig(bits=2, group_size=32)
+    nt.pipeline.quantize(plain, ids, cfg, nt.TweakConfig(lr=1e-3), progress=False)
+    rep = nt.pipeline.quantize(model, ids, cfg, nt.TweakConfig(lr=1e-3, kl_norms=which, kl_lr=3e-3, kl_passes=3),
+                               progress=False)
+    f = rep.kl_tweak
+    assert f["steps"] == 3 * 8 and not f["rolled_back"] and f["loss_after"] < f["loss_before"]
+    assert f["loss_after"] == pytest.approx(heldout_kl(ref, model, ids), rel=1e-4)
+    # the KL stage starts where the paper's walk ends: same weights, same block norms
+    assert f["loss_before"] == pytest.approx(heldout_kl(ref, plain, ids), rel=1e-4)
+    moved = [not torch.equal(a, b) for a, b in zip(norm_state(plain), norm_state(model))]
+    k = len(norm.params)  # the final norm's entries come last
+    assert any(moved[-k:]) and (any(moved[:-k]) if which == "all" else not any(moved[:-k]))
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_final_norm_tweak_post_step_and_in_the_lr_search():
+def test_kl_tweak_post_step_and_in_the_lr_search():
     """Post-step, the float targets come from the float model; a losing lr0 leaves the final norm untouched too."""
     from normtweak.models import final_norm
     from normtweak.search import heldout_kl
@@ -365,12 +372,12 @@ def test_final_norm_tweak_post_step_and_in_the_lr_search():
     model, ref = tiny("llama"), tiny("llama")
     ids = calib()
     nt.pipeline.quantize(model, ids, nt.GPTQConfig(bits=3, group_size=32), None, progress=False)
-    rep = nt.tweak(ref, model, ids, nt.TweakConfig(lr=1e-3, final_norm=True, final_lr=1e-2, rollback=False),
+    rep = nt.tweak(ref, model, ids, nt.TweakConfig(lr=1e-3, kl_norms="all", kl_lr=1e-2, rollback=False),
                    progress=False)
-    assert rep.final_norm["loss_after"] == pytest.approx(heldout_kl(ref, model, ids), rel=1e-4)
-    assert rep.final_norm["loss_after"] < rep.final_norm["loss_before"]
+    assert rep.kl_tweak["loss_after"] == pytest.approx(heldout_kl(ref, model, ids), rel=1e-4)
+    assert rep.kl_tweak["loss_after"] < rep.kl_tweak["loss_before"]
     w = final_norm(model).module.weight.detach().clone()
-    rep2 = nt.tweak(ref, model, ids, nt.TweakConfig(lr_grid=(50.0,), holdout=0.25, rollback=False, final_norm=True,
-                                                    final_lr=50.0), progress=False)
-    assert rep2.lr_search["lr"] is None and rep2.final_norm is None
+    rep2 = nt.tweak(ref, model, ids, nt.TweakConfig(lr_grid=(50.0,), holdout=0.25, rollback=False, kl_norms="final",
+                                                    kl_lr=50.0), progress=False)
+    assert rep2.lr_search["lr"] is None and rep2.kl_tweak is None
     assert torch.equal(final_norm(model).module.weight, w)

@@ -168,8 +168,8 @@ def test_skip_first_leaves_the_sink_token_out_of_the_loss():
 
 
 @pytest.mark.parametrize("kind", ["rms", "layer"])
-def test_final_norm_kl_gradient_matches_a_double_precision_twin(kind):
-    """The final-norm tweak's gradient (C++ norm backward under torch's next-token KL through a frozen head)
+def test_kl_tweak_gradient_matches_a_double_precision_twin(kind):
+    """The KL tweak's gradient (C++ norm backward under torch's next-token KL through a frozen head)
     against the same formulas in float64 autograd."""
     from normtweak.tweak import next_token_kl
 
@@ -200,10 +200,10 @@ def test_final_norm_kl_gradient_matches_a_double_precision_twin(kind):
         assert rel(b.grad, bd.grad) < GRAD_REL
 
 
-def test_final_norm_tweak_moves_the_quantized_distribution_toward_the_float_one():
-    """A head fed by a perturbed hidden state: tweaking the final norm lowers the KL on held-out samples, touches
-    neither the head nor the inputs, and rolls back when the rate is absurd."""
-    from normtweak.tweak import NormInfo, next_token_kl, tweak_final_norm
+def test_kl_tweak_moves_the_quantized_distribution_toward_the_float_one():
+    """A head fed by a perturbed hidden state: the KL tweak of the norm lowers the KL on held-out samples, leaves
+    the head alone, and rolls back when the rate is absurd."""
+    from normtweak.tweak import NormInfo, next_token_kl, tweak_norms_kl
 
     g = torch.Generator().manual_seed(5)
     C, V = 32, 80
@@ -216,25 +216,37 @@ def test_final_norm_tweak_moves_the_quantized_distribution_toward_the_float_one(
     with torch.no_grad():
         qnorm.weight.copy_(fnorm.weight)
     scale = 1 + 0.3 * torch.rand(C, generator=g)  # the quantized model's channel-wise error
-    fs = [torch.randn(1, 16, C, generator=g) for _ in range(8)]
-    qs = [f * scale for f in fs]
+    fs = torch.randn(8, 16, C, generator=g)
+    qs = fs * scale
     head_w = head.weight.detach().clone()
-    float_logits = lambda h: head(fnorm(h))  # noqa: E731
-    cfg = nt.TweakConfig(final_lr=3e-2, final_passes=5, holdout=0.25)
+    float_logits = lambda idx: head(fnorm(fs[idx]))  # noqa: E731
+    quant_logits = lambda idx: head(qnorm(qs[idx]))  # noqa: E731
+    cfg = nt.TweakConfig(kl_lr=3e-2, kl_passes=5, holdout=0.25)
     norm = NormInfo("norm", qnorm, "rms", 1e-6)
-    r = tweak_final_norm(norm, head, qs, float_logits, fs, cfg, frozen=head.parameters())
+    r = tweak_norms_kl([norm], quant_logits, float_logits, 8, cfg, frozen=head.parameters())
     assert r["steps"] == 5 * 6 and not r["rolled_back"]
     assert r["loss_after"] < 0.5 * r["loss_before"]
     with torch.no_grad():  # the reported loss is the held-out samples' KL under the tweaked norm
-        held = sum(next_token_kl(head(qnorm(q)), float_logits(f)).item() for q, f in zip(qs[6:], fs[6:])) / 2
+        held = sum(next_token_kl(quant_logits([j]), float_logits([j])).item() for j in (6, 7)) / 2
     assert r["loss_after"] == pytest.approx(held, rel=FWD_REL)
     assert torch.equal(head.weight, head_w) and head.weight.requires_grad and head.weight.grad is None
     tweaked = qnorm.weight.detach().clone()
-    bad = tweak_final_norm(norm, head, qs, float_logits, fs, nt.TweakConfig(final_lr=50.0, holdout=0.25))
+    bad = tweak_norms_kl([norm], quant_logits, float_logits, 8, nt.TweakConfig(kl_lr=50.0, holdout=0.25))
     assert bad["rolled_back"] and torch.equal(qnorm.weight, tweaked)
-    with pytest.raises(ValueError, match="3 quantized but 8 float"):
-        tweak_final_norm(norm, head, qs[:3], float_logits, fs, cfg)
-    with pytest.raises(ValueError, match="final_lr=0.0"):
-        nt.TweakConfig(final_lr=0.0)
-    with pytest.raises(ValueError, match="final_passes=0"):
-        nt.TweakConfig(final_passes=0)
+    # skip_first leaves the first positions' predictions out: a huge error there changes nothing.
+    qs[:, 0] *= 100
+    with torch.no_grad():
+        qnorm.weight.copy_(tweaked)
+    skipped = tweak_norms_kl([norm], quant_logits, float_logits, 8, nt.TweakConfig(kl_lr=3e-2, holdout=0.25,
+                                                                                     skip_first=1))
+    with torch.no_grad():
+        want = sum(next_token_kl(quant_logits([j])[:, 1:], float_logits([j])[:, 1:]).item() for j in (6, 7)) / 2
+    assert skipped["loss_after"] == pytest.approx(want, rel=FWD_REL)
+    with pytest.raises(ValueError, match="skip_first=16 leaves no token"):
+        tweak_norms_kl([norm], quant_logits, float_logits, 8, nt.TweakConfig(skip_first=16))
+    with pytest.raises(ValueError, match="kl_norms='some'"):
+        nt.TweakConfig(kl_norms="some")
+    with pytest.raises(ValueError, match="kl_lr=0.0"):
+        nt.TweakConfig(kl_lr=0.0)
+    with pytest.raises(ValueError, match="kl_passes=0"):
+        nt.TweakConfig(kl_passes=0)
