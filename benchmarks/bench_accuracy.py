@@ -160,9 +160,11 @@ def run_row(args) -> dict:
             float_model = copy.deepcopy(model)
             gptq_s = quantize_cached(model, calib, cfg, Path(args.weights_cache) if args.weights_cache else None)
             t0 = time.perf_counter()
-            nt.pipeline.quantize(model, tcalib, cfg, tweak, float_model=float_model)
+            rep = nt.pipeline.quantize(model, tcalib, cfg, tweak, float_model=float_model)
             del float_model
             extra = {"gptq_s": gptq_s, "tweak_s": time.perf_counter() - t0}
+            if rep.kl_tweak:  # the KL stage's own numbers (next-token KL before and after, on its judge samples)
+                extra["kl_tweak"] = rep.kl_tweak
             secs = gptq_s + extra["tweak_s"]
         else:
             nt.pipeline.quantize(model, calib, cfg, tweak)
