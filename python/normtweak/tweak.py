@@ -258,7 +258,7 @@ def _kept(targets: Sequence[torch.Tensor], skip: int) -> Callable[[torch.Tensor]
 
 @contextlib.contextmanager
 def _training_only(train: Sequence[torch.nn.Parameter], frozen) -> Iterator[None]:
-    """Gradients for `train` alone while the block runs; every flag and gradient is put back afterwards."""
+    """Gradients for `train` alone inside the block; every requires_grad flag and gradient is put back afterwards."""
     frozen = list(frozen)
     requires = {id(p): p.requires_grad for p in frozen + list(train)}
     for p in frozen:
