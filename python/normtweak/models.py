@@ -167,8 +167,17 @@ def final_norm(model: torch.nn.Module) -> NormInfo:
     adapter = get_adapter(model)
     if get_module(model, adapter.final_norm) is None:
         raise ValueError(f"{type(model).__name__} has no final norm ({adapter.final_norm} is None, e.g. OPT with "
-                         "do_layer_norm_before=False); turn off the final-norm tweak (--tweak-final-norm)")
+                         "do_layer_norm_before=False); use --kl-tweak off")
     return _norm_info(model, adapter.final_norm, adapter)
+
+
+def all_norms(model: torch.nn.Module) -> list[NormInfo]:
+    """Every norm a tweak may move: each block's, in order, then the final norm when the model has one."""
+    adapter = get_adapter(model)
+    norms = [n for blk in blocks(model) for n in block_norms(blk, adapter)]
+    if get_module(model, adapter.final_norm) is not None:
+        norms.append(final_norm(model))
+    return norms
 
 
 def head_logits(model: torch.nn.Module, y: torch.Tensor) -> torch.Tensor:

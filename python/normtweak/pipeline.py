@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from . import core
-from .models import (Adapter, block_norms, blocks, final_norm, get_adapter, get_module, head_logits, linear_weight,
+from .models import (Adapter, all_norms, block_norms, blocks, final_norm, get_adapter, get_module, head_logits, linear_weight,
                      set_linear_weight)
 from .tweak import TweakConfig, _first, run_watching_inputs, tweak_block, tweak_norms_kl
 
@@ -368,8 +368,7 @@ def _kl_stage(model, calib, float_ref, fnorm: torch.nn.Module, inputs, finputs, 
         def quant_logits(idx: list[int]) -> torch.Tensor:
             return head_logits(model, norm.module(torch.cat([inputs[j] for j in idx])))
     else:
-        adapter = get_adapter(model)
-        norms = [n for blk in blocks(model) for n in block_norms(blk, adapter)] + [norm]
+        norms = all_norms(model)  # ends with `norm`
 
         def quant_logits(idx: list[int]) -> torch.Tensor:
             return model(input_ids=calib[idx], use_cache=False).logits

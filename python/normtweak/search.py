@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .models import block_norms, blocks, final_norm, get_adapter, get_module
+from .models import all_norms
 from .tweak import next_token_kl
 
 log = logging.getLogger("normtweak")
@@ -67,11 +67,7 @@ def heldout_kl(float_model, qmodel, ids: torch.Tensor) -> float:
 
 def _norm_params(model) -> list[torch.nn.Parameter]:
     """Every norm parameter a tweak walk may move: the blocks' and the final norm's."""
-    adapter = get_adapter(model)
-    params = [p for blk in blocks(model) for n in block_norms(blk, adapter) for p in n.params]
-    if get_module(model, adapter.final_norm) is not None:
-        params += final_norm(model).params
-    return params
+    return [p for n in all_norms(model) for p in n.params]
 
 
 def norm_state(model) -> list[torch.Tensor]:
