@@ -66,6 +66,11 @@ METHODS = {"rtn": ("rtn", "rtn", False, "RTN"), "gptq": ("gptq", "gptq", False, 
 MAIN_ROWS = ["float"] + [f"{m}-{c}{t}" for c in CONFIGS for m in ("rtn", "gptq") for t in ("", "-nt")]
 ABLATION_ROWS = ["gptq-w3g128-nt-loss=mse", "gptq-w3g128-nt-loss=kl", "gptq-w3g128-nt-passes=2",
                  "gptq-w3g128-nt-passes=5"]
+# The stores results.md carries as sections after its own table, with their titles.
+ALSO_STORES = {"results_recommended.json": "Clip search and the KL stage (the settings that work at 2 and 3 bits)",
+               "results_smoothquant.json": "SmoothQuant (weight and activation quantization)"}
+RECOMMENDED_ROWS = ["float"] + [f"gptqmse-{c}{t}" for c in ("w3g128", "w2g64")
+                                for t in ("", "-nt-order=after", "-nt-order=after-kl_norms=all-kl_lr=0.001")]
 SMOOTHQUANT_ROWS = ["sq-w8a8", "sq-w8a8-nt", "sq-w4a8", "sqgptq-w4a8", "sq-w4a8-nt", "sqgptq-w4a8-nt", "sq-w4a4"]
 
 
@@ -166,6 +171,8 @@ def run_row(args) -> dict:
             if rep.kl_tweak:  # the KL stage's own numbers (next-token KL before and after, on its judge samples)
                 extra["kl_tweak"] = rep.kl_tweak
             secs = gptq_s + extra["tweak_s"]
+        elif tweak is None and args.weights_cache:  # the plain row of post-step rows that share these weights
+            secs = quantize_cached(model, calib, cfg, Path(args.weights_cache))
         else:
             nt.pipeline.quantize(model, calib, cfg, tweak)
             secs = time.perf_counter() - t0
@@ -328,7 +335,7 @@ def draws_table(files: list[str]) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two invocations may share --out
     tmp.write_text(text)
     tmp.replace(path)
 
@@ -368,10 +375,12 @@ def render(store: dict, store_path: Path, wanted: list[str], heading: str = "# A
             w = f"W{spec['bits']}A{spec['abits']}"
         model = spec["label"]
         if spec["tweak"] is not None:
-            model += " + NT" + "".join(f", {k} {v}" for k, v in spec["tweak"].items())
+            words = {("order", "after"): "post-step", ("kl_norms", "all"): "+ KL stage (all norms)",
+                     ("kl_norms", "final"): "+ KL stage (final norm)"}
+            model += " + NT" + "".join(f", {words.get((k, v), f'{k} {v}')}" for k, v in spec["tweak"].items())
         return model, w
 
-    known = MAIN_ROWS + ABLATION_ROWS + SMOOTHQUANT_ROWS
+    known = list(dict.fromkeys(MAIN_ROWS + ABLATION_ROWS + RECOMMENDED_ROWS + SMOOTHQUANT_ROWS))
     for name in known + sorted(set(rows) - set(known)):
         r = rows.get(name)
         if r is None:
@@ -421,7 +430,7 @@ def setting_flags(s: dict, shell: bool = False) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="main,ablation",
-                    help="main, ablation, smoothquant, or row names (e.g. gptq-w3g128-nt, sq-w8a8-nt)")
+                    help="main, ablation, recommended, smoothquant, or row names (e.g. gptq-w3g128-nt, sq-w8a8-nt)")
     ap.add_argument("--lambada-limit", type=int, default=None)
     ap.add_argument("--ppl-windows", type=int, default=40)
     ap.add_argument("--mc-tasks", default="piqa,arc_easy")
@@ -457,7 +466,8 @@ def main() -> None:
                          "results) to --row-out instead of the store")
     ap.add_argument("--row-out", metavar="PATH", help="where --run-row writes its JSON")
     ap.add_argument("--weights-cache", metavar="DIR",
-                    help="post-step rows (-nt-order=after): keep the quantized weights in DIR and reuse them when "
+                    help="post-step rows (-nt-order=after) and rows without NT: keep the quantized weights in DIR "
+                         "and reuse them when "
                          "another row quantizes the same model on the same calibration with the same settings "
                          "(the key does not cover the quantizer's code: empty DIR after changing it)")
     ap.add_argument("--pair", nargs="+", metavar="ROW_JSON",
@@ -476,14 +486,15 @@ def main() -> None:
         ap.error("--run-row needs --row-out")
     if args.also is None:
         default = Path(args.store).resolve() == (ROOT / "docs" / "results.json").resolve()
-        args.also = [str(ROOT / "docs" / "results_smoothquant.json")] if default else []
+        args.also = [str(ROOT / "docs" / n) for n in ALSO_STORES] if default else []
     if args.run_row:
         write_atomic(Path(args.row_out), json.dumps(run_row(args)))
         return
 
     wanted: list[str] = []
     for item in args.rows.split(","):
-        groups = {"main": MAIN_ROWS, "ablation": ABLATION_ROWS, "smoothquant": SMOOTHQUANT_ROWS}
+        groups = {"main": MAIN_ROWS, "ablation": ABLATION_ROWS, "smoothquant": SMOOTHQUANT_ROWS,
+                  "recommended": RECOMMENDED_ROWS}
         wanted += groups.get(item, [item])
     for name in wanted:
         parse_row(name)
@@ -600,7 +611,7 @@ def page(store: dict, store_path: Path, wanted: list[str], also: list[str]) -> s
     for path in map(Path, also):
         if path.exists() and path.resolve() != store_path.resolve():
             other = json.loads(path.read_text())
-            title = "SmoothQuant (weight and activation quantization)" if "smoothquant" in path.name else path.stem
+            title = ALSO_STORES.get(path.name, path.stem)
             text += "\n" + render(other, path, [], heading=f"## {title}")
     return text
 

@@ -21,7 +21,7 @@ def _add_tweak_args(p: argparse.ArgumentParser) -> None:
                    help="lr0 of the layer schedule (paper eq. 3); 'auto' or a comma-separated list searches lr0 on "
                         "held-out calibration samples (lowest KL to the float model wins)")
     p.add_argument("--tweak-scale", type=float, default=5.0, help="lr_i = lr0 * (1 + scale * i / L)")
-    p.add_argument("--tweak-passes", type=int, default=1, help="passes over the calibration set")
+    p.add_argument("--tweak-passes", type=int, default=1, help="passes over the calibration set (0: no per-block tweak, only --kl-tweak's stage)")
     p.add_argument("--loss", choices=LOSSES, default="dist",
                    help="dist: the paper's eq. 2; reldist: eq. 2 per channel in units of the float channel's spread; "
                         "mse, kl: the paper's Table 9 ablation")

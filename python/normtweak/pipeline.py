@@ -323,7 +323,7 @@ def quantize(
         outs = _run(block, inputs, kwargs)
         dmu0, dvar0 = channel_stats_gap(targets, outs)
         tstats = None
-        if tweak is not None:
+        if tweak is not None and tweak.passes > 0:  # passes 0: the KL stage alone
             tstats = tweak_block(block, block_norms(block, adapter), inputs, targets, kwargs, tweak, i, L)
             outs = _run(block, inputs, kwargs)
         dmu, dvar = channel_stats_gap(targets, outs)

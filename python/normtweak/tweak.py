@@ -28,7 +28,9 @@ class TweakConfig:
 
     lr: lr0 of eq. 3 (the paper grid-searches it, starting at 1e-5).
     scale: eq. 3's step increase across blocks, lr_i = lr0 * (1 + scale * i / L).
-    passes: passes over the calibration set (the paper's Table 6: 1 is best).
+    passes: passes over the calibration set (the paper's Table 6: 1 is best). 0 skips the
+        per-block tweak and runs only the KL stage (`kl_norms`), e.g. on a model whose
+        blocks were tweaked before.
     loss: "dist" (eq. 2), "mse" or "kl" (Table 9 ablation), or "reldist": eq. 2 with each
         channel's terms in units of its float standard deviation and variance, so a few
         channels of very large variance do not outweigh the rest (docs/findings.md).
@@ -108,8 +110,14 @@ class TweakConfig:
             raise ValueError(f"tweak lr={self.lr} must be positive (--tweak-lr)")
         if self.scale < 0:
             raise ValueError(f"tweak scale={self.scale} must be non-negative (--tweak-scale)")
-        if self.passes < 1:
-            raise ValueError(f"tweak passes={self.passes} must be at least 1 (--tweak-passes)")
+        if self.passes < 0:
+            raise ValueError(f"tweak passes={self.passes} must be non-negative (--tweak-passes)")
+        if self.passes == 0 and self.kl_norms == "off":
+            raise ValueError("tweak passes=0 skips the per-block tweak, and with kl_norms='off' nothing would be "
+                             "tweaked: give --tweak-passes 1 or more, or --kl-tweak final|all")
+        if self.passes == 0 and self.lr_grid:
+            raise ValueError(f"the learning-rate search (lr_grid={list(self.lr_grid)}) searches the per-block "
+                             "tweak's lr0, which passes=0 skips: give one --tweak-lr or --tweak-passes 1 or more")
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} is not one of {', '.join(LOSSES)} (--loss)")
         if self.batch_size < 1:
@@ -332,6 +340,8 @@ def tweak_block(
     """
     if not norms:
         raise ValueError("tweak_block needs at least one norm module; this block has none")
+    if config.passes < 1:
+        raise ValueError(f"tweak_block with passes={config.passes} would not tweak anything: give passes >= 1")
     params = [p for n in norms for p in n.params]
     tweaker = _core.NormTweaker(config.lr, config.scale, config.passes, num_layers)
     tweaker.begin_layer(layer_index, [p.data for p in params])

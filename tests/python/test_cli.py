@@ -147,6 +147,13 @@ def test_tweak_lr_option_takes_a_value_a_list_or_auto():
                                           "all", "--kl-lr", "0.01", "--kl-passes", "3"])
     t = cli._tweak_config(args)
     assert t.kl_norms == "all" and t.kl_lr == 0.01 and t.kl_passes == 3
+    args = cli.build_parser().parse_args(["tweak", "--float", "f", "--quantized", "q", "--out", "o",
+                                          "--tweak-passes", "0", "--kl-tweak", "final"])
+    assert cli._tweak_config(args).passes == 0
+    args = cli.build_parser().parse_args(["tweak", "--float", "f", "--quantized", "q", "--out", "o",
+                                          "--tweak-passes", "0"])
+    with pytest.raises(ValueError, match="--tweak-passes 1 or more, or --kl-tweak"):
+        cli._tweak_config(args)
 
 
 def test_cli_smoothquant_w8a8_with_tweak(tiny_model_dir, tmp_path, capsys):

@@ -2,6 +2,7 @@
 export/reload and post-step round trips, and errors."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -362,6 +363,38 @@ def test_kl_tweak_every_architecture(arch, which):
     k = len(norm.params)  # the final norm's entries come last
     assert any(moved[-k:]) and (any(moved[:-k]) if which == "all" else not any(moved[:-k]))
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_kl_stage_alone_after_a_block_tweak_equals_the_two_in_one_call():
+    """passes=0 runs the KL stage without the per-block tweak: after a paper-only post-step it gives exactly what
+    one call with both gives (the walk carries the same activations); "final" leaves every block norm as it was."""
+    from normtweak.models import final_norm
+    from normtweak.search import norm_state
+
+    model, ref = tiny("llama"), tiny("llama")
+    ids = calib()
+    nt.pipeline.quantize(model, ids, nt.GPTQConfig(bits=2, group_size=32), None, progress=False)
+    both, split = copy.deepcopy(model), copy.deepcopy(model)
+    cfg = nt.TweakConfig(lr=1e-3, kl_norms="all", kl_lr=3e-3)
+    rep = nt.tweak(ref, both, ids, cfg, progress=False)
+    nt.tweak(ref, split, ids, dataclasses.replace(cfg, kl_norms="off"), progress=False)
+    before = [t.clone() for t in norm_state(split)]
+    rep0 = nt.tweak(ref, split, ids, dataclasses.replace(cfg, passes=0), progress=False)
+    assert all(b["tweak"] is None for b in rep0.blocks)
+    assert rep0.kl_tweak == rep.kl_tweak and not rep.kl_tweak["rolled_back"]
+    for a, b in zip(norm_state(both), norm_state(split)):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(before, norm_state(split)))
+    final = copy.deepcopy(model)
+    nt.tweak(ref, final, ids, nt.TweakConfig(passes=0, kl_norms="final", kl_lr=3e-3), progress=False)
+    k = len(final_norm(final).params)
+    after, start = norm_state(final), norm_state(model)
+    assert all(torch.equal(a, b) for a, b in zip(after[:-k], start[:-k]))
+    assert any(not torch.equal(a, b) for a, b in zip(after[-k:], start[-k:]))
+    block = blocks(model)[0]
+    with pytest.raises(ValueError, match="passes=0 would not tweak anything"):
+        nt.tweak_block(block, block_norms(block, get_adapter(model)), [], [], {},
+                       nt.TweakConfig(passes=0, kl_norms="all"), 0, 1)
 
 
 def test_kl_tweak_post_step_and_in_the_lr_search():

@@ -98,8 +98,13 @@ def test_tweak_config_validation():
     f = torch.zeros(4, 8)
     with pytest.raises(ValueError, match="loss='l1' is not one of dist, mse, kl, reldist"):
         _core.channel_dist_loss(f, f, "l1")
-    with pytest.raises(ValueError, match="passes=0"):
+    with pytest.raises(ValueError, match="passes=-1 must be non-negative"):
+        nt.TweakConfig(passes=-1, kl_norms="all")
+    with pytest.raises(ValueError, match="passes=0 skips the per-block tweak.*--kl-tweak"):
         nt.TweakConfig(passes=0)
+    with pytest.raises(ValueError, match=r"lr_grid=\[1e-05\].*passes=0 skips"):
+        nt.TweakConfig(passes=0, kl_norms="all", lr_grid=(1e-5,))
+    assert nt.TweakConfig(passes=0, kl_norms="final").passes == 0
 
 
 def one_llama_block(samples: int):
