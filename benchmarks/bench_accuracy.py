@@ -194,7 +194,8 @@ def run_row(args) -> dict:
 def quantize_cached(model, calib, cfg, folder: Path | None) -> float:
     """Quantize `model` without tweaking, or load the Linear weights an identical earlier run left in `folder`
     (--weights-cache): post-step rows with different tweak settings then share one GPTQ run. The key covers the
-    model, the calibration ids, the quantizer settings and the thread count (GPTQ's float sums depend on it).
+    model, the calibration ids, the quantizer settings, the thread count (GPTQ's float sums depend on it) and the
+    normtweak package's files (Python and the compiled core).
     Returns the seconds the quantization took when it ran (stored beside the weights). folder None: no cache."""
     import dataclasses
     import hashlib
@@ -214,6 +215,10 @@ def quantize_cached(model, calib, cfg, folder: Path | None) -> float:
         h.update(calib.contiguous().numpy().tobytes())
         h.update(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
         h.update(str(torch.get_num_threads()).encode())
+        pkg = Path(nt.__file__).parent  # the quantizer's code: a changed pipeline or C++ core quantizes afresh
+        for f in sorted([*pkg.glob("*.py"), *pkg.glob("_core*.so"), *pkg.glob("_core*.pyd")]):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
         path = folder / f"weights-{h.hexdigest()[:16]}.pt"
         if path.exists():
             saved = torch.load(path)
@@ -469,7 +474,7 @@ def main() -> None:
                     help="post-step rows (-nt-order=after) and rows without NT: keep the quantized weights in DIR "
                          "and reuse them when "
                          "another row quantizes the same model on the same calibration with the same settings "
-                         "(the key does not cover the quantizer's code: empty DIR after changing it)")
+                         "(the key covers the normtweak package's code, so any change to it quantizes afresh)")
     ap.add_argument("--pair", nargs="+", metavar="ROW_JSON",
                     help="print the rows that --run-row wrote, each paired passage by passage with the first")
     ap.add_argument("--pair-draws", nargs="+", metavar="ROW_JSON",

@@ -327,6 +327,14 @@ def test_bench_weights_cache_reuses_the_same_gptq(tmp_path, monkeypatch):
         assert torch.equal(vb, vc), k
     bench.quantize_cached(copy.deepcopy(model), calib(seed=1), cfg, tmp_path)
     assert len(list(tmp_path.glob("weights-*.pt"))) == 2
+    pkg = tmp_path / "pkg"  # the key covers the package's code: an edit quantizes afresh, the same code does not
+    pkg.mkdir()
+    (pkg / "gptq.py").write_text("v1")
+    monkeypatch.setattr(nt, "__file__", str(pkg / "__init__.py"))
+    for code, files in (("v1", 3), ("v1", 3), ("v2", 4)):
+        (pkg / "gptq.py").write_text(code)
+        bench.quantize_cached(copy.deepcopy(model), ids, cfg, tmp_path)
+        assert len(list(tmp_path.glob("weights-*.pt"))) == files
 
 
 @pytest.mark.parametrize("arch", ARCHS)
