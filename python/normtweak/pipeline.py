@@ -23,7 +23,7 @@ import torch
 from . import core
 from .models import (Adapter, all_norms, block_norms, blocks, final_norm, get_adapter, get_module, head_logits, linear_weight,
                      set_linear_weight)
-from .tweak import TweakConfig, _first, run_watching_inputs, tweak_block, tweak_norms_kl
+from .tweak import TweakConfig, _first, kl_steps, run_watching_inputs, tweak_block, tweak_norms_kl
 
 log = logging.getLogger("normtweak")
 
@@ -373,8 +373,7 @@ def _kl_stage(model, calib, float_ref, fnorm: torch.nn.Module, inputs, finputs, 
         def quant_logits(idx: list[int]) -> torch.Tensor:
             return model(input_ids=calib[idx], use_cache=False).logits
 
-    n_train = len(inputs) - int(len(inputs) * tweak.holdout)
-    steps = tweak.kl_passes * -(-max(1, n_train) // tweak.batch_size)
+    steps = kl_steps(len(inputs), tweak)
     desc = "KL tweak of the final norm" if tweak.kl_norms == "final" else f"KL tweak of all {len(norms)} norms"
     with tqdm(total=steps, desc=desc, unit="step", disable=not progress) as bar:
         out = tweak_norms_kl(norms, quant_logits, float_logits, len(inputs), tweak, frozen=model.parameters(),

@@ -256,6 +256,13 @@ def _split_holdout(inputs: Sequence, targets: Sequence, holdout: float) -> tuple
     return inputs[:-n_hold], targets[:-n_hold], inputs[-n_hold:], targets[-n_hold:]
 
 
+def kl_steps(samples: int, config: TweakConfig) -> int:
+    """Adam steps tweak_norms_kl takes over `samples` calibration samples (for a progress bar)."""
+    idx = list(range(samples))
+    train = _split_holdout(idx, idx, config.holdout)[0]
+    return config.kl_passes * -(-len(train) // config.batch_size)
+
+
 def _kept(targets: Sequence[torch.Tensor], skip: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """t -> t without the first `skip` positions ([batch, seq, ...]); checks that every target keeps a token."""
     if skip and any(f.dim() < 3 or f.shape[1] <= skip for f in targets):

@@ -1,12 +1,14 @@
 """Norm Tweaking pieces through the bindings, against torch.autograd and torch.optim."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import realistic_activations
 
 import normtweak as nt
 from normtweak import _core
-from normtweak.tweak import NormFn, _first
+from normtweak.tweak import NormFn, _first, kl_steps
 
 # float32 C++ vs float64 torch autograd of the same formulas.
 FWD_REL = 1e-5
@@ -229,7 +231,8 @@ def test_kl_tweak_moves_the_quantized_distribution_toward_the_float_one():
     cfg = nt.TweakConfig(kl_lr=3e-2, kl_passes=5, holdout=0.25)
     norm = NormInfo("norm", qnorm, "rms", 1e-6)
     r = tweak_norms_kl([norm], quant_logits, float_logits, 8, cfg, frozen=head.parameters())
-    assert r["steps"] == 5 * 6 and not r["rolled_back"]
+    assert r["steps"] == 5 * 6 == kl_steps(8, cfg) and not r["rolled_back"]
+    assert kl_steps(8, dataclasses.replace(cfg, batch_size=4)) == 5 * 2
     assert r["loss_after"] < 0.5 * r["loss_before"]
     with torch.no_grad():  # the reported loss is the held-out samples' KL under the tweaked norm
         held = sum(next_token_kl(quant_logits([j]), float_logits([j])).item() for j in (6, 7)) / 2
