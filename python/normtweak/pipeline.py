@@ -124,6 +124,9 @@ class _StopForward(Exception):
     pass
 
 
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # "cache": transformers >= 5.24
+
+
 @torch.no_grad()
 def capture_block_inputs(model, calib: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
     """Inputs of the first block for every calibration sample, and its keyword arguments."""
@@ -147,10 +150,11 @@ def capture_block_inputs(model, calib: torch.Tensor) -> tuple[list[torch.Tensor]
                 pass
     finally:
         h.remove()
-    kwargs.pop("cache", None)  # transformers >= 5.24
-    kwargs.pop("past_key_values", None)
-    kwargs.pop("past_key_value", None)
-    kwargs.pop("layer_past", None)
+    from transformers.cache_utils import Cache
+
+    # the blocks run one at a time on whole samples: no key/value cache, whatever the architecture names it
+    for k in [k for k, v in kwargs.items() if isinstance(v, Cache) or k in CACHE_KWARGS]:
+        del kwargs[k]
     if "use_cache" in kwargs:
         kwargs["use_cache"] = False
     return inputs, kwargs

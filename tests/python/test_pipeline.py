@@ -422,3 +422,23 @@ def test_kl_tweak_post_step_and_in_the_lr_search():
                                                     kl_lr=50.0), progress=False)
     assert rep2.lr_search["lr"] is None and rep2.kl_tweak is None
     assert torch.equal(final_norm(model).module.weight, w)
+
+
+def test_block_inputs_drop_any_key_value_cache():
+    """A cache reaches the blocks under a name no adapter lists: capture_block_inputs drops it by type, and the
+    blocks then run on the captured kwargs alone."""
+    from transformers.cache_utils import DynamicCache
+
+    from normtweak.pipeline import capture_block_inputs
+
+    model = tiny("llama")
+    first = blocks(model)[0]
+    h = first.register_forward_pre_hook(lambda m, a, kw: (a, {**kw, "kv_store": DynamicCache()}), with_kwargs=True)
+    try:
+        inputs, kwargs = capture_block_inputs(model, calib(n=2))
+    finally:
+        h.remove()
+    assert "kv_store" not in kwargs and len(inputs) == 2
+    assert not any(k in kwargs for k in ("past_key_values", "past_key_value", "cache", "layer_past"))
+    with torch.no_grad():
+        first(inputs[0], **kwargs)
