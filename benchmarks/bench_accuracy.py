@@ -71,6 +71,9 @@ ALSO_STORES = {"results_recommended.json": "Clip search and the KL stage (the se
                "results_smoothquant.json": "SmoothQuant (weight and activation quantization)"}
 RECOMMENDED_ROWS = ["float"] + [f"gptqmse-{c}{t}" for c in ("w3g128", "w2g64")
                                 for t in ("", "-nt-order=after", "-nt-order=after-kl_norms=all-kl_lr=0.001")]
+# Row keys the table spells out in words (the rest show as "key value").
+TWEAK_WORDS = {("order", "after"): "post-step", ("kl_norms", "all"): "+ KL stage (all norms)",
+               ("kl_norms", "final"): "+ KL stage (final norm)"}
 SMOOTHQUANT_ROWS = ["sq-w8a8", "sq-w8a8-nt", "sq-w4a8", "sqgptq-w4a8", "sq-w4a8-nt", "sqgptq-w4a8-nt", "sq-w4a4"]
 
 
@@ -158,12 +161,14 @@ def run_row(args) -> dict:
         if args.tweak_calib and not post_step:
             raise SystemExit(f"--tweak-calib {args.tweak_calib} needs a post-step row (-nt-order=after); "
                              f"{args.run_row} calibrates GPTQ and the tweak on one set")
+        # the cache holds Linear weights only: SmoothQuant's folded norm scales and activation quantizers are not in it
+        cache = Path(args.weights_cache) if args.weights_cache and spec["method"] != "smoothquant" else None
         t0 = time.perf_counter()
         if post_step:  # the same steps as order="after" in the pipeline, split so the GPTQ weights can be cached
             tcalib = calib if not args.tweak_calib else cached_calibration(
                 model, tok, args.tweak_calib, args.nsamples, args.seqlen, seed=args.calib_seed)
             float_model = copy.deepcopy(model)
-            gptq_s = quantize_cached(model, calib, cfg, Path(args.weights_cache) if args.weights_cache else None)
+            gptq_s = quantize_cached(model, calib, cfg, cache)
             t0 = time.perf_counter()
             rep = nt.pipeline.quantize(model, tcalib, cfg, tweak, float_model=float_model)
             del float_model
@@ -171,8 +176,8 @@ def run_row(args) -> dict:
             if rep.kl_tweak:  # the KL stage's own numbers (next-token KL before and after, on its judge samples)
                 extra["kl_tweak"] = rep.kl_tweak
             secs = gptq_s + extra["tweak_s"]
-        elif tweak is None and args.weights_cache:  # the plain row of post-step rows that share these weights
-            secs = quantize_cached(model, calib, cfg, Path(args.weights_cache))
+        elif tweak is None:  # the plain row: shares its weights with the post-step rows through the cache
+            secs = quantize_cached(model, calib, cfg, cache)
         else:
             nt.pipeline.quantize(model, calib, cfg, tweak)
             secs = time.perf_counter() - t0
@@ -260,6 +265,7 @@ def update_store(store: dict, store_path: Path, name: str, fields: dict) -> None
     with store_lock(store_path):
         store["rows"] = {**stored_rows(store_path, store["settings"]), **store["rows"]}
         store["rows"][name] = {**store["rows"].get(name, {}), **fields}
+        store["written"] = str(datetime.date.today())  # the page shows when rows were measured, not rendered
         write_atomic(store_path, json.dumps(store, indent=1))
 
 
@@ -357,7 +363,7 @@ def render(store: dict, store_path: Path, wanted: list[str], heading: str = "# A
     lines = [
         heading,
         "",
-        f"Written {datetime.date.today()} by `benchmarks/bench_accuracy.py` on 2 CPU cores "
+        f"Written {store.get('written', datetime.date.today())} by `benchmarks/bench_accuracy.py` on 2 CPU cores "
         f"(rows stored in `docs/{store_path.name}`). Calibration: {s['calib']}, {s['nsamples']} x {s['seqlen']} tokens. "
         f"GPTQ and RTN: {'symmetric' if s['sym'] else 'asymmetric'} grid"
         f"{', GPTQ with act-order' if s['act_order'] else ''}. Norm Tweaking (NT): lr0 = {s['tweak_lr']}, "
@@ -380,9 +386,7 @@ def render(store: dict, store_path: Path, wanted: list[str], heading: str = "# A
             w = f"W{spec['bits']}A{spec['abits']}"
         model = spec["label"]
         if spec["tweak"] is not None:
-            words = {("order", "after"): "post-step", ("kl_norms", "all"): "+ KL stage (all norms)",
-                     ("kl_norms", "final"): "+ KL stage (final norm)"}
-            model += " + NT" + "".join(f", {words.get((k, v), f'{k} {v}')}" for k, v in spec["tweak"].items())
+            model += " + NT" + "".join(f", {TWEAK_WORDS.get((k, v), f'{k} {v}')}" for k, v in spec["tweak"].items())
         return model, w
 
     known = list(dict.fromkeys(MAIN_ROWS + ABLATION_ROWS + RECOMMENDED_ROWS + SMOOTHQUANT_ROWS))
@@ -471,8 +475,8 @@ def main() -> None:
                          "results) to --row-out instead of the store")
     ap.add_argument("--row-out", metavar="PATH", help="where --run-row writes its JSON")
     ap.add_argument("--weights-cache", metavar="DIR",
-                    help="post-step rows (-nt-order=after) and rows without NT: keep the quantized weights in DIR "
-                         "and reuse them when "
+                    help="post-step rows (-nt-order=after) and rows without NT, SmoothQuant's excepted: keep the "
+                         "quantized weights in DIR and reuse them when "
                          "another row quantizes the same model on the same calibration with the same settings "
                          "(the key covers the normtweak package's code, so any change to it quantizes afresh)")
     ap.add_argument("--pair", nargs="+", metavar="ROW_JSON",
@@ -607,9 +611,20 @@ def backfill(args, store: dict, store_path: Path, wanted: list[str]) -> None:
         raise SystemExit(f"--backfill: {', '.join(failed)} did not reproduce (see above); nothing stored for them")
 
 
+def anchor(title: str) -> str:
+    """The link target GitHub gives a markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return "".join(c for c in title.lower() if c.isalnum() or c in " -").replace(" ", "-")
+
+
 def page(store: dict, store_path: Path, wanted: list[str], also: list[str]) -> str:
     """This store's table, then one section per further store (e.g. the SmoothQuant rows under results.md)."""
     text = render(store, store_path, wanted)
+    sections = [ALSO_STORES.get(p.name, p.stem) for p in map(Path, also)
+                if p.exists() and p.resolve() != store_path.resolve()]
+    if sections:  # after the first paragraph, so a reader of the main table knows what follows
+        head, intro, rest = text.split("\n\n", 2)
+        links = ", ".join(f"[{t}](#{anchor(t)})" for t in sections)
+        text = f"{head}\n\n{intro}\n\nFurther sections below: {links}.\n\n{rest}"
     png = store_path.with_suffix(".png")
     if any(parse_row(r).get("abits", 16) == 16 for r in store["rows"] if r != "float") and plot(store, png):
         text += f"\n![LAMBADA accuracy and last-word perplexity per row]({png.name})\n"

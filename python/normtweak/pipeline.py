@@ -330,7 +330,7 @@ def quantize(
         if tweak is not None and tweak.passes > 0:  # passes 0: the KL stage alone
             tstats = tweak_block(block, block_norms(block, adapter), inputs, targets, kwargs, tweak, i, L)
             outs = _run(block, inputs, kwargs)
-        dmu, dvar = channel_stats_gap(targets, outs)
+        dmu, dvar = channel_stats_gap(targets, outs) if tstats is not None else (dmu0, dvar0)
         stats.append(BlockStats(i, dmu, dvar, dmu0, dvar0, tstats, fallbacks, time.perf_counter() - t0, smoothing))
         inputs = outs
         if finputs is not None:

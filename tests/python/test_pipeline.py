@@ -299,9 +299,8 @@ def test_tweak_target_float_is_the_float_models_own_activations(tmp_path, monkey
         nt.TweakConfig(target="global")
 
 
-def test_bench_weights_cache_reuses_the_same_gptq(tmp_path, monkeypatch):
-    """bench_accuracy --weights-cache: a second identical quantization loads the first one's Linear weights
-    (a post-step on them then equals order='after' end to end); another calibration set quantizes afresh."""
+def load_bench():
+    """benchmarks/bench_accuracy.py as a module (it is a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
 
@@ -309,6 +308,13 @@ def test_bench_weights_cache_reuses_the_same_gptq(tmp_path, monkeypatch):
         "bench_accuracy", Path(__file__).resolve().parents[2] / "benchmarks" / "bench_accuracy.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_weights_cache_reuses_the_same_gptq(tmp_path, monkeypatch):
+    """bench_accuracy --weights-cache: a second identical quantization loads the first one's Linear weights
+    (a post-step on them then equals order='after' end to end); another calibration set quantizes afresh."""
+    bench = load_bench()
     model = tiny("llama")
     ids = calib()
     cfg = nt.GPTQConfig(bits=3, group_size=32)
@@ -442,3 +448,26 @@ def test_block_inputs_drop_any_key_value_cache():
     assert not any(k in kwargs for k in ("past_key_values", "past_key_value", "cache", "layer_past"))
     with torch.no_grad():
         first(inputs[0], **kwargs)
+
+
+def test_bench_page_keeps_the_measurement_date_and_links_its_sections(tmp_path):
+    """Rendering again (--render-only) keeps the date the rows were stored, and the main table links the sections
+    that follow it by the anchors GitHub gives their headings."""
+    import json
+
+    bench = load_bench()
+    settings = {"lambada_limit": None, "ppl_windows": 1, "mc_limit": None, "calib": "generate", "calib_seed": 0,
+                "nsamples": 2, "seqlen": 8, "tweak_lr": 1e-5, "tweak_scale": 5.0, "sym": False, "act_order": True,
+                "mc_tasks": ""}
+    row = {"lambada_acc": 0.5, "lambada_ppl": 2.0, "lambada_n": 2, "ppl": 3.0, "quantize_s": 0.0, "peak_rss_gib": 1.0}
+    main, other = tmp_path / "results.json", tmp_path / "results_smoothquant.json"
+    bench.update_store({"settings": settings, "rows": {}}, main, "float", row)
+    stored = json.loads(main.read_text())
+    assert stored["written"] == str(bench.datetime.date.today())
+    stored["written"] = "2000-01-02"
+    other.write_text(json.dumps(stored))
+    text = bench.page(stored, main, ["float"], [str(other)])
+    assert text.count("Written 2000-01-02") == 2
+    title = bench.ALSO_STORES["results_smoothquant.json"]
+    assert f"## {title}" in text and f"(#{bench.anchor(title)})" in text
+    assert bench.anchor(title) == "smoothquant-weight-and-activation-quantization"
