@@ -23,7 +23,7 @@ import torch
 from . import core
 from .models import (Adapter, all_norms, block_norms, blocks, final_norm, get_adapter, get_module, head_logits, linear_weight,
                      set_linear_weight)
-from .tweak import TweakConfig, _first, kl_steps, run_watching_inputs, tweak_block, tweak_norms_kl
+from .tweak import TweakConfig, _StopForward, _first, kl_steps, run_watching_inputs, tweak_block, tweak_norms_kl
 
 log = logging.getLogger("normtweak")
 
@@ -118,10 +118,6 @@ class QuantizeReport:
     layers_quantized: int
     lr_search: Optional[dict] = None
     kl_tweak: Optional[dict] = None  # tweak_norms_kl's stats when TweakConfig.kl_norms is not "off"
-
-
-class _StopForward(Exception):
-    pass
 
 
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # "cache": transformers >= 5.24
@@ -299,11 +295,13 @@ def quantize(
             for a, b in zip(block_norms(ref_block, adapter), block_norms(block, adapter)):
                 if a.module.weight.shape != b.module.weight.shape:
                     raise ValueError(f"block {i}: norm {a.name} shapes differ between float and quantized models")
-        targets = _run(ref_block, inputs, kwargs) if tweak is None or tweak.target == "local" else None
+        # fOut_l on the quantized model's activations (Algorithm 1); with passes 0 nothing is tweaked toward it, and
+        # Figure 1's statistics compare with the float path's own outputs instead of running the block once more
+        local = tweak is None or (tweak.target == "local" and tweak.passes > 0)
+        targets = _run(ref_block, inputs, kwargs) if local else None
         fnext = _run(ref_block, finputs, kwargs) if finputs is not None else None  # the float path's next input
         if targets is None:
             targets = fnext  # fOut_l on the float model's activations
-        # else fOut_l on the quantized model's activations (Algorithm 1)
         fallbacks: list = []
         smoothing: list = []
         if float_model is None:
@@ -328,8 +326,9 @@ def quantize(
         dmu0, dvar0 = channel_stats_gap(targets, outs)
         tstats = None
         if tweak is not None and tweak.passes > 0:  # passes 0: the KL stage alone
-            tstats = tweak_block(block, block_norms(block, adapter), inputs, targets, kwargs, tweak, i, L)
-            outs = _run(block, inputs, kwargs)
+            tstats = tweak_block(block, block_norms(block, adapter), inputs, targets, kwargs, tweak, i, L, outputs=outs)
+            judged = tstats.pop("outputs", None)  # the judge's run of the block as tweaked, when it saw every input
+            outs = judged if judged is not None else _run(block, inputs, kwargs)
         dmu, dvar = channel_stats_gap(targets, outs) if tstats is not None else (dmu0, dvar0)
         stats.append(BlockStats(i, dmu, dvar, dmu0, dvar0, tstats, fallbacks, time.perf_counter() - t0, smoothing))
         inputs = outs
@@ -366,11 +365,12 @@ def _kl_stage(model, calib, float_ref, fnorm: torch.nn.Module, inputs, finputs, 
     def float_logits(idx: list[int]) -> torch.Tensor:
         return head_logits(float_ref, fnorm(torch.cat([finputs[j] for j in idx])))
 
+    def walked_logits(idx: list[int]) -> torch.Tensor:  # through the final norm alone, from the walk's last outputs
+        return head_logits(model, norm.module(torch.cat([inputs[j] for j in idx])))
+
     if tweak.kl_norms == "final":
         norms = [norm]
-
-        def quant_logits(idx: list[int]) -> torch.Tensor:
-            return head_logits(model, norm.module(torch.cat([inputs[j] for j in idx])))
+        quant_logits = walked_logits
     else:
         norms = all_norms(model)  # ends with `norm`
 
@@ -381,7 +381,7 @@ def _kl_stage(model, calib, float_ref, fnorm: torch.nn.Module, inputs, finputs, 
     desc = "KL tweak of the final norm" if tweak.kl_norms == "final" else f"KL tweak of all {len(norms)} norms"
     with tqdm(total=steps, desc=desc, unit="step", disable=not progress) as bar:
         out = tweak_norms_kl(norms, quant_logits, float_logits, len(inputs), tweak, frozen=model.parameters(),
-                             progress=bar.update)
+                             progress=bar.update, logits_before=walked_logits)
     log.info("KL tweak (%s): next-token KL %.4g -> %.4g nats%s", tweak.kl_norms, out["loss_before"],
              out["loss_after"], " (rolled back)" if out["rolled_back"] else "")
     return out

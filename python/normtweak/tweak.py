@@ -230,16 +230,43 @@ def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class _StopForward(Exception):
+    """Raised by a forward hook to end a forward pass once everything it was run for has been seen."""
+
+
 @torch.no_grad()
 def run_watching_inputs(block: torch.nn.Module, watchers: dict[str, Callable[[torch.Tensor], None]], inputs,
                         kwargs) -> None:
     """Run `block` over `inputs`, handing each named submodule's input tensor to its watcher on every call
-    (statistics gathering: Hessians, activation maxima); the hooks are removed afterwards."""
-    hooks = [block.get_submodule(name).register_forward_pre_hook(lambda m, args, _f=fn: _f(args[0].detach()))
+    (statistics gathering: Hessians, activation maxima); the hooks are removed afterwards.
+
+    The first input runs the whole block. When every watched submodule ran exactly once in it, the later inputs
+    stop the forward as soon as the last watched one has its input: the query/key/value projections of a block
+    are reached after its first norm, so gathering their Hessians costs almost nothing, and nothing after the
+    MLP's down projection runs when it is watched."""
+    calls = dict.fromkeys(watchers, 0)
+    early = False
+
+    def pre_hook(name: str, fn: Callable[[torch.Tensor], None]):
+        def hook(mod, args):
+            fn(args[0].detach())
+            calls[name] += 1
+            if early and all(calls.values()):
+                raise _StopForward
+
+        return hook
+
+    hooks = [block.get_submodule(name).register_forward_pre_hook(pre_hook(name, fn))
              for name, fn in watchers.items()]
     try:
-        for x in inputs:
-            block(x, **kwargs)
+        for i, x in enumerate(inputs):
+            calls.update(dict.fromkeys(calls, 0))
+            try:
+                block(x, **kwargs)
+            except _StopForward:
+                pass
+            if i == 0:
+                early = all(c == 1 for c in calls.values())
     finally:
         for h in hooks:
             h.remove()
@@ -289,17 +316,19 @@ def _training_only(train: Sequence[torch.nn.Parameter], frozen) -> Iterator[None
 
 
 def _adam_with_rollback(params: Sequence[torch.nn.Parameter], norms: Sequence[NormInfo], frozen, tweaker,
-                        losses: Callable[[], Iterator[torch.Tensor]], eval_loss: Callable[[], float], rollback: bool,
+                        losses: Callable[[], Iterator[torch.Tensor]], eval_before: Callable[[], float],
+                        eval_after: Callable[[], float], rollback: bool,
                         progress: Callable[[int], None] | None) -> dict:
     """One Adam step (the C++ NormTweaker) on `params` per loss that `losses()` yields, with the norms' backward
-    in C++ and `frozen` held fixed; afterwards the params go back to where they started when `eval_loss` (the
-    judge, computed through the modules' own forward) did not fall and `rollback` is set."""
+    in C++ and `frozen` held fixed; afterwards the params go back to where they started when the judge (computed
+    through the modules' own forward: `eval_before` ahead of the steps, `eval_after` after them) did not fall and
+    `rollback` is set."""
     for p in params:
         if p.dtype != torch.float32:
             raise ValueError(f"norm parameters must be float32 for tweaking, got {p.dtype}")
     originals = [p.detach().clone() for p in params]
     with _training_only(params, frozen):
-        before = eval_loss()
+        before = eval_before()
         with core_norms(norms):
             for loss in losses():
                 for p in params:
@@ -308,7 +337,7 @@ def _adam_with_rollback(params: Sequence[torch.nn.Parameter], norms: Sequence[No
                 tweaker.step([p.grad.float().contiguous() for p in params])
                 if progress:
                     progress(1)
-        after = eval_loss()
+        after = eval_after()
         rolled_back = bool(rollback and not after < before)
         if rolled_back:
             with torch.no_grad():
@@ -336,6 +365,7 @@ def tweak_block(
     layer_index: int,
     num_layers: int,
     progress: Callable[[int], None] | None = None,
+    outputs: Sequence[torch.Tensor] | None = None,
 ) -> dict:
     """Tweak the norm parameters of one quantized block (Alg. 1, lines 11-15).
 
@@ -343,34 +373,44 @@ def tweak_block(
     norms: the block's norm modules (their parameters are updated in place).
     inputs: the block's inputs, each [batch, seq, C] (the quantized model's activations).
     targets: the float block's outputs on the same inputs.
-    Returns {"loss_before", "loss_after", "lr", "rolled_back", "steps"}.
+    outputs: the quantized block's outputs on `inputs` before the tweak, when the caller has them (the walk
+        does): the judge then takes its starting loss from them instead of running the block again.
+    Returns {"loss_before", "loss_after", "lr", "rolled_back", "steps"}; when every input judged the tweak
+    (holdout 0) also "outputs": the block's outputs on `inputs` as it is left, tweaked or rolled back.
     """
     if not norms:
         raise ValueError("tweak_block needs at least one norm module; this block has none")
     if config.passes < 1:
         raise ValueError(f"tweak_block with passes={config.passes} would not tweak anything: give passes >= 1")
+    if outputs is not None and len(outputs) != len(inputs):
+        raise ValueError(f"tweak_block got {len(outputs)} outputs for {len(inputs)} inputs")
     params = [p for n in norms for p in n.params]
     tweaker = _core.NormTweaker(config.lr, config.scale, config.passes, num_layers)
     tweaker.begin_layer(layer_index, [p.data for p in params])
+    whole = len(_split_holdout(inputs, inputs, config.holdout)[2]) == len(inputs)
+    judge_q = _split_holdout(outputs, outputs, config.holdout)[2] if outputs is not None else None
     inputs, targets, judge_x, judge_f = _split_holdout(inputs, targets, config.holdout)
     kept = _kept(targets, config.skip_first)
+    judged: dict[str, list[torch.Tensor]] = {}
 
-    def eval_loss() -> float:
-        total = 0.0
+    def judge(outs: Sequence[torch.Tensor] | None) -> float:
         with torch.no_grad():
-            for x, f in zip(judge_x, judge_f):
-                total += _core.channel_dist_loss(
-                    kept(f).float().contiguous(), kept(_first(quant_block(x, **block_kwargs))).float().contiguous(),
-                    config.loss
-                )
+            if outs is None:
+                outs = [_first(quant_block(x, **block_kwargs)) for x in judge_x]
+        judged["before" if "before" not in judged else "after"] = list(outs)
+        total = 0.0
+        for f, q in zip(judge_f, outs):
+            total += _core.channel_dist_loss(kept(f).float().contiguous(), kept(q).float().contiguous(), config.loss)
         return total / len(judge_x)
 
     def losses() -> Iterator[torch.Tensor]:
         for x, f in _batches(inputs, targets, config, config.passes):
             yield channel_dist_loss(kept(_first(quant_block(x, **block_kwargs))), kept(f), config.loss)
 
-    out = _adam_with_rollback(params, norms, quant_block.parameters(), tweaker, losses, eval_loss, config.rollback,
-                              progress)
+    out = _adam_with_rollback(params, norms, quant_block.parameters(), tweaker, losses, lambda: judge(judge_q),
+                              lambda: judge(None), config.rollback, progress)
+    if whole:
+        out["outputs"] = judged["before" if out["rolled_back"] else "after"]
     if out["rolled_back"]:
         log.info("block %d: tweaking raised the loss (%.4g -> %.4g); norms rolled back", layer_index,
                  out["loss_before"], out["loss_after"])
@@ -392,6 +432,7 @@ def tweak_norms_kl(
     config: TweakConfig,
     frozen=(),
     progress: Callable[[int], None] | None = None,
+    logits_before: Callable[[list[int]], torch.Tensor] | None = None,
 ) -> dict:
     """Tweak `norms` so the quantized model's next-token distribution matches the float model's: Adam (the C++
     NormTweaker, rate `config.kl_lr`, `config.kl_passes` passes) on KL(float || quantized) over the calibration
@@ -401,6 +442,9 @@ def tweak_norms_kl(
     float_logits: sample indices -> the float model's logits on the same samples (computed without grad).
     samples: how many calibration samples there are; the last `config.holdout` of them only judge the tweak.
     frozen: parameters held fixed while the norms train (the rest of the model).
+    logits_before: sample indices -> the quantized model's logits as they stand before the tweak, by a cheaper
+        road than `quant_logits` when there is one (the walk's last hidden states through the final norm and the
+        head); the judge's starting loss comes from it.
     Returns {"loss_before", "loss_after", "lr", "rolled_back", "steps"}; the losses are the KL in nats per token
     (on the held-out samples when `config.holdout` > 0).
     """
@@ -413,24 +457,25 @@ def tweak_norms_kl(
     train, _, judge, _ = _split_holdout(idx, idx, config.holdout)
     skip = config.skip_first
 
-    def loss(batch: list[int]) -> torch.Tensor:
+    def loss(batch: list[int], logits: Callable[[list[int]], torch.Tensor] = quant_logits) -> torch.Tensor:
         with torch.no_grad():
             target = float_logits(batch)
         if skip and target.shape[1] <= skip:
             raise ValueError(f"skip_first={skip} leaves no token of {target.shape[1]}-token samples "
                              "(--tweak-skip-first must be below the sequence length)")
-        return next_token_kl(quant_logits(batch)[:, skip:], target[:, skip:])
+        return next_token_kl(logits(batch)[:, skip:], target[:, skip:])
 
-    def eval_loss() -> float:
+    def eval_loss(logits: Callable[[list[int]], torch.Tensor] = quant_logits) -> float:
         with torch.no_grad():
-            return sum(loss([j]).item() for j in judge) / len(judge)
+            return sum(loss([j], logits).item() for j in judge) / len(judge)
 
     def losses() -> Iterator[torch.Tensor]:
         for _ in range(config.kl_passes):
             for start in range(0, len(train), config.batch_size):
                 yield loss(train[start : start + config.batch_size])
 
-    out = _adam_with_rollback(params, norms, frozen, tweaker, losses, eval_loss, config.rollback, progress)
+    out = _adam_with_rollback(params, norms, frozen, tweaker, losses, lambda: eval_loss(logits_before or quant_logits),
+                              eval_loss, config.rollback, progress)
     if out["rolled_back"]:
         log.info("KL tweak: the next-token KL rose (%.4g -> %.4g); norms rolled back", out["loss_before"],
                  out["loss_after"])

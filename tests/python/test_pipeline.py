@@ -262,9 +262,9 @@ def test_tweak_target_float_is_the_float_models_own_activations(tmp_path, monkey
     seen = {}
     original = pl.tweak_block
 
-    def spy(block, norms, inputs, targets, kwargs, tweak, i, L):
+    def spy(block, norms, inputs, targets, kwargs, tweak, i, L, **kw):
         seen.setdefault((tweak.target, i), [t.clone() for t in targets])
-        return original(block, norms, inputs, targets, kwargs, tweak, i, L)
+        return original(block, norms, inputs, targets, kwargs, tweak, i, L, **kw)
 
     monkeypatch.setattr(pl, "tweak_block", spy)
     results = {}
@@ -281,10 +281,10 @@ def test_tweak_target_float_is_the_float_models_own_activations(tmp_path, monkey
     assert any(not torch.equal(results["local"][k], v) for k, v in results["float"].items())
 
     # Killed after block 0's checkpoint, then resumed: the same model as the uninterrupted run.
-    def dies_at_block_1(block, norms, inputs, targets, kwargs, tweak, i, L):
+    def dies_at_block_1(block, norms, inputs, targets, kwargs, tweak, i, L, **kw):
         if i == 1:
             raise KeyboardInterrupt
-        return original(block, norms, inputs, targets, kwargs, tweak, i, L)
+        return original(block, norms, inputs, targets, kwargs, tweak, i, L, **kw)
 
     tweak = nt.TweakConfig(lr=1e-3, target="float")
     monkeypatch.setattr(pl, "tweak_block", dies_at_block_1)
@@ -471,3 +471,35 @@ def test_bench_page_keeps_the_measurement_date_and_links_its_sections(tmp_path):
     title = bench.ALSO_STORES["results_smoothquant.json"]
     assert f"## {title}" in text and f"(#{bench.anchor(title)})" in text
     assert bench.anchor(title) == "smoothquant-weight-and-activation-quantization"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_watched_inputs_stop_the_forward_once_every_watched_layer_has_run(arch):
+    """Statistics gathering hands every watcher exactly the inputs a full forward gives its layer; from the second
+    sample on, the forward stops once the last watched layer has its input, so later layers do not run."""
+    from normtweak.pipeline import capture_block_inputs
+    from normtweak.tweak import run_watching_inputs
+
+    model = tiny(arch)
+    inputs, kwargs = capture_block_inputs(model, calib(n=3))
+    block, groups = blocks(model)[0], get_adapter(model).groups
+    every = [n for g in groups for n in g]
+    full: dict = {n: [] for n in every}
+    hooks = [block.get_submodule(n).register_forward_pre_hook(lambda m, a, _n=n: full[_n].append(a[0].clone()))
+             for n in every]
+    with torch.no_grad():
+        for x in inputs:
+            block(x, **kwargs)
+    for h in hooks:
+        h.remove()
+    last = every[-1]
+    for group in groups:
+        seen: dict = {n: [] for n in group}
+        ran = []
+        h = block.get_submodule(last).register_forward_hook(lambda *a: ran.append(1))
+        run_watching_inputs(block, {n: (lambda x, _n=n: seen[_n].append(x.clone())) for n in group}, inputs, kwargs)
+        h.remove()
+        for n in group:
+            assert len(seen[n]) == len(inputs)
+            assert all(torch.equal(a, b) for a, b in zip(seen[n], full[n]))
+        assert len(ran) == 1, f"{last} ran {len(ran)} times over {len(inputs)} samples watching {group}"

@@ -139,6 +139,45 @@ def test_holdout_samples_judge_the_tweak_and_are_not_trained_on():
         nt.TweakConfig(holdout=1.0)
 
 
+def test_the_judge_reuses_the_callers_outputs_and_hands_back_its_own():
+    """Given the block's outputs before the tweak, the judge starts from them (the same loss as running the block
+    again); with every sample judging, the result carries the block's outputs as left, tweaked or rolled back."""
+    block, norms, xs, kw, fs = one_llama_block(6)
+    params = [p for n in norms for p in n.params]
+    start = [p.detach().clone() for p in params]
+
+    def outputs():
+        with torch.no_grad():
+            return [_first(block(x, **kw)) for x in xs]
+
+    def reset():
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+
+    q0 = outputs()
+    runs = {}
+    for given in (None, q0):
+        reset()
+        runs[given is None] = nt.tweak_block(block, norms, xs, fs, kw, nt.TweakConfig(lr=1e-2), 0, 1, outputs=given)
+    assert runs[True]["loss_before"] == runs[False]["loss_before"]
+    assert runs[True]["loss_after"] == runs[False]["loss_after"] < runs[True]["loss_before"]
+    now = outputs()  # the tweaked block
+    assert not runs[False]["rolled_back"] and all(torch.equal(a, b) for a, b in zip(runs[False]["outputs"], now))
+    assert not torch.equal(now[0], q0[0])
+    # Targets the block already meets: nothing can lower the loss, the norms are rolled back and the outputs
+    # handed back are the ones from before.
+    reset()
+    r = nt.tweak_block(block, norms, xs, q0, kw, nt.TweakConfig(lr=1e-1), 0, 1, outputs=[q.clone() for q in q0])
+    assert r["rolled_back"] and all(torch.equal(a, b) for a, b in zip(r["outputs"], q0))
+    assert all(torch.equal(a, b) for a, b in zip(outputs(), q0))
+    reset()
+    held = nt.tweak_block(block, norms, xs, fs, kw, nt.TweakConfig(lr=1e-2, holdout=0.5), 0, 1, outputs=q0)
+    assert "outputs" not in held
+    with pytest.raises(ValueError, match="got 5 outputs for 6 inputs"):
+        nt.tweak_block(block, norms, xs, fs, kw, nt.TweakConfig(), 0, 1, outputs=q0[:5])
+
+
 def test_skip_first_leaves_the_sink_token_out_of_the_loss():
     """skip_first=1: what the first position of the targets holds (here a massive activation, as an attention
     sink carries) changes nothing; without it the same change moves the loss and the tweaked norms."""
