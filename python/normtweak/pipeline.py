@@ -16,7 +16,7 @@ import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -156,13 +156,20 @@ def capture_block_inputs(model, calib: torch.Tensor) -> tuple[list[torch.Tensor]
     return inputs, kwargs
 
 
-def channel_stats_gap(f: list[torch.Tensor], q: list[torch.Tensor]) -> tuple[float, float]:
-    """Figure 1's quantities: mean over channels of |mu_f - mu_q| and |var_f - var_q| over all tokens."""
-    F = torch.cat([x.reshape(-1, x.shape[-1]) for x in f]).double()
-    Q = torch.cat([x.reshape(-1, x.shape[-1]) for x in q]).double()
-    dmu = (F.mean(0) - Q.mean(0)).abs().mean().item()
-    dvar = (F.var(0, unbiased=False) - Q.var(0, unbiased=False)).abs().mean().item()
-    return dmu, dvar
+@torch.no_grad()
+def channel_moments(xs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and variance (population) over every token of `xs` (each [..., C]), in float64, one
+    tensor at a time: no float64 copy of all the tokens at once."""
+    C = xs[0].shape[-1]
+    n = sum(x.numel() // C for x in xs)
+    mean = sum(x.reshape(-1, C).double().sum(0) for x in xs) / n
+    var = sum(((x.reshape(-1, C).double() - mean) ** 2).sum(0) for x in xs) / n
+    return mean, var
+
+
+def stats_gap(f: tuple[torch.Tensor, torch.Tensor], q: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+    """Figure 1's quantities from two channel_moments: mean over channels of |mu_f - mu_q| and |var_f - var_q|."""
+    return (f[0] - q[0]).abs().mean().item(), (f[1] - q[1]).abs().mean().item()
 
 
 @torch.no_grad()
@@ -323,13 +330,14 @@ def quantize(
                 for name in names:
                     attach_act_quant(get_module(block, name), config.abits, scales[name])
         outs = _run(block, inputs, kwargs)
-        dmu0, dvar0 = channel_stats_gap(targets, outs)
+        fstats = channel_moments(targets)
+        dmu0, dvar0 = stats_gap(fstats, channel_moments(outs))
         tstats = None
         if tweak is not None and tweak.passes > 0:  # passes 0: the KL stage alone
             tstats = tweak_block(block, block_norms(block, adapter), inputs, targets, kwargs, tweak, i, L, outputs=outs)
             judged = tstats.pop("outputs", None)  # the judge's run of the block as tweaked, when it saw every input
             outs = judged if judged is not None else _run(block, inputs, kwargs)
-        dmu, dvar = channel_stats_gap(targets, outs) if tstats is not None else (dmu0, dvar0)
+        dmu, dvar = stats_gap(fstats, channel_moments(outs)) if tstats is not None else (dmu0, dvar0)
         stats.append(BlockStats(i, dmu, dvar, dmu0, dvar0, tstats, fallbacks, time.perf_counter() - t0, smoothing))
         inputs = outs
         if finputs is not None:

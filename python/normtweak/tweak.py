@@ -30,7 +30,8 @@ class TweakConfig:
     scale: eq. 3's step increase across blocks, lr_i = lr0 * (1 + scale * i / L).
     passes: passes over the calibration set (the paper's Table 6: 1 is best). 0 skips the
         per-block tweak and runs only the KL stage (`kl_norms`), e.g. on a model whose
-        blocks were tweaked before.
+        blocks were tweaked before; the report's per-block statistics (Figure 1) then
+        compare each quantized block's output with the float model's own activations.
     loss: "dist" (eq. 2), "mse" or "kl" (Table 9 ablation), or "reldist": eq. 2 with each
         channel's terms in units of its float standard deviation and variance, so a few
         channels of very large variance do not outweigh the rest (docs/findings.md).

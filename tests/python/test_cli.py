@@ -120,6 +120,13 @@ def test_generated_calibration_is_seeded_and_cached(tiny_model_dir, tmp_path, mo
     assert a.shape == (3, 6)
     assert torch.equal(a, generate_calibration(model, tok, n=3, seqlen=6, seed=5, progress=False))
     assert set(a[:, 0].tolist()) <= set(language_token_ids(tok))  # first tokens: words of the languages
+    # sample i is drawn from its own generator: the same tokens whatever the batch size or the number of samples
+    assert torch.equal(a[:2], generate_calibration(model, tok, n=2, seqlen=6, seed=5, batch_size=1, progress=False))
+    assert torch.equal(a, generate_calibration(model, tok, n=3, seqlen=6, seed=5, batch_size=2, progress=False))
+    other = generate_calibration(model, tok, n=3, seqlen=6, seed=6, progress=False)
+    assert not torch.equal(a, other) and not torch.equal(a[1:], other[:2])
+    with pytest.raises(ValueError, match="batch_size=0"):
+        generate_calibration(model, tok, n=3, seqlen=6, batch_size=0, progress=False)
     b = cached_calibration(model, tok, "generate", n=3, seqlen=6, seed=5, progress=False)
     assert torch.equal(a, b)
     files = list((tmp_path / "calibration").glob("*.pt"))

@@ -503,3 +503,33 @@ def test_watched_inputs_stop_the_forward_once_every_watched_layer_has_run(arch):
             assert len(seen[n]) == len(inputs)
             assert all(torch.equal(a, b) for a, b in zip(seen[n], full[n]))
         assert len(ran) == 1, f"{last} ran {len(ran)} times over {len(inputs)} samples watching {group}"
+
+
+STATS_REL = 1e-9  # float64 sums of float32 tokens against the all-float64 reference
+
+
+def channel_stats_gap_reference(f, q):
+    """Figure 1's quantities straight from their definition, every token in float64."""
+    F = torch.cat([x.reshape(-1, x.shape[-1]) for x in f]).double()
+    Q = torch.cat([x.reshape(-1, x.shape[-1]) for x in q]).double()
+    return ((F.mean(0) - Q.mean(0)).abs().mean().item(),
+            (F.var(0, unbiased=False) - Q.var(0, unbiased=False)).abs().mean().item())
+
+
+def test_channel_moments_match_the_float64_reference_with_a_massive_activation():
+    """A first token 1e4 times the rest in a few channels (an attention sink) and channels whose mean dwarfs their
+    spread: the float64-accumulated moments keep the reference's digits."""
+    from normtweak.pipeline import channel_moments, stats_gap
+
+    g = torch.Generator().manual_seed(0)
+    f = [torch.randn(1, 64, 48, generator=g) * 0.01 + 300.0 for _ in range(5)]
+    q = [x + 1e-3 * torch.randn(x.shape, generator=g) for x in f]
+    for x in f + q:
+        x[0, 0, :3] = 3e6
+    want = channel_stats_gap_reference(f, q)
+    got = stats_gap(channel_moments(f), channel_moments(q))
+    assert got == pytest.approx(want, rel=STATS_REL)
+    mean, var = channel_moments(f)
+    F = torch.cat([x.reshape(-1, 48) for x in f]).double()
+    torch.testing.assert_close(mean, F.mean(0), rtol=STATS_REL, atol=0)
+    torch.testing.assert_close(var, F.var(0, unbiased=False), rtol=STATS_REL, atol=0)
