@@ -81,7 +81,7 @@ demo: build python data
 	@echo "== RTN vs GPTQ on a realistic 2048x2048 layer (C++ API)"
 	./$(BUILD)/examples/quantize_layer
 	@echo "== SmolLM2-135M at W3 g128: float vs GPTQ vs GPTQ + Norm Tweaking"
-	$(PY) examples/demo_smollm2.py
+	$(PY) examples/demo_smollm2.py $(DEMO_ARGS)
 
 bench: build python
 	env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE $(PY) benchmarks/bench_core.py

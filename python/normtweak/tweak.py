@@ -394,11 +394,11 @@ def tweak_block(
     kept = _kept(targets, config.skip_first)
     judged: dict[str, list[torch.Tensor]] = {}
 
-    def judge(outs: Sequence[torch.Tensor] | None) -> float:
+    def judge(outs: Sequence[torch.Tensor] | None, when: str) -> float:
         with torch.no_grad():
             if outs is None:
                 outs = [_first(quant_block(x, **block_kwargs)) for x in judge_x]
-        judged["before" if "before" not in judged else "after"] = list(outs)
+        judged[when] = list(outs)
         total = 0.0
         for f, q in zip(judge_f, outs):
             total += _core.channel_dist_loss(kept(f).float().contiguous(), kept(q).float().contiguous(), config.loss)
@@ -408,8 +408,8 @@ def tweak_block(
         for x, f in _batches(inputs, targets, config, config.passes):
             yield channel_dist_loss(kept(_first(quant_block(x, **block_kwargs))), kept(f), config.loss)
 
-    out = _adam_with_rollback(params, norms, quant_block.parameters(), tweaker, losses, lambda: judge(judge_q),
-                              lambda: judge(None), config.rollback, progress)
+    out = _adam_with_rollback(params, norms, quant_block.parameters(), tweaker, losses, lambda: judge(judge_q, "before"),
+                              lambda: judge(None, "after"), config.rollback, progress)
     if whole:
         out["outputs"] = judged["before" if out["rolled_back"] else "after"]
     if out["rolled_back"]:
