@@ -388,9 +388,10 @@ def tweak_block(
     params = [p for n in norms for p in n.params]
     tweaker = _core.NormTweaker(config.lr, config.scale, config.passes, num_layers)
     tweaker.begin_layer(layer_index, [p.data for p in params])
-    whole = len(_split_holdout(inputs, inputs, config.holdout)[2]) == len(inputs)
-    judge_q = _split_holdout(outputs, outputs, config.holdout)[2] if outputs is not None else None
+    n = len(inputs)
     inputs, targets, judge_x, judge_f = _split_holdout(inputs, targets, config.holdout)
+    whole = len(judge_x) == n  # the judge runs the block on every input: its outputs are the walk's next inputs
+    judge_q = outputs[n - len(judge_x) :] if outputs is not None else None  # the judge's samples are the last ones
     kept = _kept(targets, config.skip_first)
     judged: dict[str, list[torch.Tensor]] = {}
 

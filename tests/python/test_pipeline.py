@@ -393,7 +393,11 @@ def test_kl_stage_alone_after_a_block_tweak_equals_the_two_in_one_call():
     rep = nt.tweak(ref, both, ids, cfg, progress=False)
     nt.tweak(ref, split, ids, dataclasses.replace(cfg, kl_norms="off"), progress=False)
     before = [t.clone() for t in norm_state(split)]
+    float_runs = []  # with nothing tweaked per block, each float block runs once per sample: the float path alone
+    hook = blocks(ref)[0].register_forward_hook(lambda *a: float_runs.append(1))
     rep0 = nt.tweak(ref, split, ids, dataclasses.replace(cfg, passes=0), progress=False)
+    hook.remove()
+    assert len(float_runs) == len(ids)
     assert all(b["tweak"] is None for b in rep0.blocks)
     assert rep0.kl_tweak == rep.kl_tweak and not rep.kl_tweak["rolled_back"]
     for a, b in zip(norm_state(both), norm_state(split)):

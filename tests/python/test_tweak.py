@@ -157,13 +157,13 @@ def test_the_judge_reuses_the_callers_outputs_and_hands_back_its_own():
 
     q0 = outputs()
     runs = {}
-    for given in (None, q0):
+    for how, given in (("computed", None), ("given", q0)):
         reset()
-        runs[given is None] = nt.tweak_block(block, norms, xs, fs, kw, nt.TweakConfig(lr=1e-2), 0, 1, outputs=given)
-    assert runs[True]["loss_before"] == runs[False]["loss_before"]
-    assert runs[True]["loss_after"] == runs[False]["loss_after"] < runs[True]["loss_before"]
+        runs[how] = nt.tweak_block(block, norms, xs, fs, kw, nt.TweakConfig(lr=1e-2), 0, 1, outputs=given)
+    assert runs["computed"]["loss_before"] == runs["given"]["loss_before"]
+    assert runs["computed"]["loss_after"] == runs["given"]["loss_after"] < runs["computed"]["loss_before"]
     now = outputs()  # the tweaked block
-    assert not runs[False]["rolled_back"] and all(torch.equal(a, b) for a, b in zip(runs[False]["outputs"], now))
+    assert not runs["given"]["rolled_back"] and all(torch.equal(a, b) for a, b in zip(runs["given"]["outputs"], now))
     assert not torch.equal(now[0], q0[0])
     # Targets the block already meets: nothing can lower the loss, the norms are rolled back and the outputs
     # handed back are the ones from before.
@@ -171,9 +171,12 @@ def test_the_judge_reuses_the_callers_outputs_and_hands_back_its_own():
     r = nt.tweak_block(block, norms, xs, q0, kw, nt.TweakConfig(lr=1e-1), 0, 1, outputs=[q.clone() for q in q0])
     assert r["rolled_back"] and all(torch.equal(a, b) for a, b in zip(r["outputs"], q0))
     assert all(torch.equal(a, b) for a, b in zip(outputs(), q0))
+    # Held-out samples judge alone: the judge starts from the caller's outputs of those samples (the last ones).
     reset()
     held = nt.tweak_block(block, norms, xs, fs, kw, nt.TweakConfig(lr=1e-2, holdout=0.5), 0, 1, outputs=q0)
-    assert "outputs" not in held
+    reset()
+    held_computed = nt.tweak_block(block, norms, xs, fs, kw, nt.TweakConfig(lr=1e-2, holdout=0.5), 0, 1)
+    assert "outputs" not in held and held["loss_before"] == held_computed["loss_before"]
     with pytest.raises(ValueError, match="got 5 outputs for 6 inputs"):
         nt.tweak_block(block, norms, xs, fs, kw, nt.TweakConfig(), 0, 1, outputs=q0[:5])
 
