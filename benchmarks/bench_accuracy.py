@@ -181,7 +181,8 @@ def run_row(args) -> dict:
         else:
             nt.pipeline.quantize(model, calib, cfg, tweak)
             secs = time.perf_counter() - t0
-    res = {"row": args.run_row, "settings": settings(args), "quantize_s": secs, "linear_sha": linear_sha(model), **extra}
+    res = {"row": args.run_row, "settings": settings(args), "calib_sampler": sampler(settings(args)),
+           "quantize_s": secs, "linear_sha": linear_sha(model), **extra}
     lam = ev.lambada(model, tok, limit=args.lambada_limit, per_passage=True)
     res["lambada_acc"], res["lambada_ppl"], res["lambada_n"] = lam["acc"], lam["ppl"], lam["n"]
     res["lambada_correct"] = bits_to_hex(lam["correct"])
@@ -312,6 +313,20 @@ def paired_cell(rows: dict, name: str) -> str:
     return paired_text(b, r)
 
 
+def row_sampler(r: dict) -> str | None:
+    """The calibration sampler a --run-row file was measured with; files written before rows recorded it drew
+    from the old shared stream (LEGACY_SAMPLER)."""
+    return r.get("calib_sampler", LEGACY_SAMPLER)
+
+
+def check_same_sampler(base: dict, row: dict) -> None:
+    """Two rows paired passage by passage must share a calibration draw: refuse rows from different samplers."""
+    if row_sampler(base) != row_sampler(row):
+        raise SystemExit(f"row {row['row']} was calibrated with sampler {row_sampler(row)!r} and {base['row']} with "
+                         f"{row_sampler(base)!r}: not the same draw, so not pairable. Pair rows measured by one "
+                         "normtweak version (measure the older row again with --run-row)")
+
+
 def row_label(r: dict) -> str:
     """A --run-row file's row name, with the tweak's own calibration when it had one (--tweak-calib)."""
     tc = r.get("settings", {}).get("tweak_calib")
@@ -327,6 +342,7 @@ def pair_table(rows: list[dict]) -> str:
     for r in rows:
         if r["lambada_n"] != n:
             raise SystemExit(f"row {r['row']} has {r['lambada_n']} passages, {base['row']} {n}: not pairable")
+        check_same_sampler(base, r)
         pair = "" if r is base else paired_text(base, r)
         right = sum(hex_to_bits(r["lambada_correct"], n))
         ppl = f"{r['ppl']:.2f}" if "ppl" in r else ""
@@ -352,8 +368,11 @@ def draws_table(files: list[str]) -> str:
              "|---|---:|---:|---:|"]
     bits = []
     for (b, r), path in zip(pairs, files[1::2]):
+        check_same_sampler(b, r)
         s = r.get("settings", {})
         label = f"{s['nsamples']} x {s['seqlen']}, seed {s['calib_seed']}" if s else Path(path).stem
+        if row_sampler(r) == LEGACY_SAMPLER:
+            label += " (old shared-stream sampler)"
         bits.append((hex_to_bits(b["lambada_correct"], n), hex_to_bits(r["lambada_correct"], n)))
         lines.append(f"| {label} | {sum(bits[-1][0])} | {sum(bits[-1][1])} | {paired_text(b, r)} |")
     m = paired_over_draws(bits)
