@@ -199,12 +199,20 @@ def set_linear_weight(module: torch.nn.Module, W: torch.Tensor, adapter: Adapter
     module.weight.data.copy_(W.t() if adapter.conv1d else W)
 
 
+FINGERPRINT_IGNORES = ("_name_or_path", "transformers_version")
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the model's config and a sample of its embedding rows (cache and checkpoint keys)."""
+    """A short hash of the model's config and a sample of its embedding rows (cache and checkpoint keys).
+
+    The config's `_name_or_path` (the folder it was loaded from) and `transformers_version` are left out: the same
+    weights loaded from another folder, or by another transformers release, are the same model."""
     import hashlib
+    import json
 
     emb = model.get_input_embeddings().weight
-    h = hashlib.sha1(model.config.to_json_string(use_diff=False).encode())
+    config = {k: v for k, v in model.config.to_dict().items() if k not in FINGERPRINT_IGNORES}
+    h = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode())
     h.update(emb[:: max(1, emb.shape[0] // 256)].detach().float().contiguous().numpy().tobytes())
     return h.hexdigest()
 

@@ -577,3 +577,21 @@ def test_channel_moments_match_the_float64_reference_with_a_massive_activation()
     F = torch.cat([x.reshape(-1, 48) for x in f]).double()
     torch.testing.assert_close(mean, F.mean(0), rtol=STATS_REL, atol=0)
     torch.testing.assert_close(var, F.var(0, unbiased=False), rtol=STATS_REL, atol=0)
+
+
+def test_model_fingerprint_names_the_weights_not_the_folder(tmp_path):
+    """Cache keys (calibration, bench weights, block checkpoints) follow the model: the same weights loaded from
+    two folders share a fingerprint, while a changed embedding row or config value gives a new one."""
+    from normtweak.models import model_fingerprint
+
+    model = tiny("llama")
+    for name in ("a", "b"):
+        model.save_pretrained(tmp_path / name)
+    a, b = (tf.AutoModelForCausalLM.from_pretrained(tmp_path / n) for n in ("a", "b"))
+    assert a.config._name_or_path != b.config._name_or_path
+    assert model_fingerprint(a) == model_fingerprint(b) == model_fingerprint(model)
+    with torch.no_grad():
+        b.get_input_embeddings().weight[0, 0] += 1.0
+    assert model_fingerprint(b) != model_fingerprint(a)
+    a.config.rms_norm_eps *= 2
+    assert model_fingerprint(a) != model_fingerprint(model)
