@@ -267,15 +267,17 @@ def sampler(settings_: dict) -> str | None:
 
 
 def stored_sampler(d: dict) -> str | None:
-    """The calibration sampler a store or a --run-row file was measured with; those written before it was recorded
-    drew from the old shared stream (LEGACY_SAMPLER)."""
+    """The calibration sampler a store or a --run-row file was measured with: None for text calibration; those
+    written before the sampler was recorded (or before their settings were) drew from the old shared stream
+    (LEGACY_SAMPLER)."""
+    if d.get("settings", {}).get("calib", "generate") != "generate":
+        return None
     return d.get("calib_sampler", LEGACY_SAMPLER)
 
 
 def same_draw(store: dict, settings_: dict) -> bool:
     """Rows in `store` were measured with these settings and the calibration this normtweak draws for them."""
-    stored = stored_sampler(store) if settings_.get("calib") == "generate" else None
-    return store.get("settings") == settings_ and stored == sampler(settings_)
+    return store.get("settings") == settings_ and stored_sampler(store) == sampler(settings_)
 
 
 def stored_rows(store_path: Path, settings_: dict) -> dict:

@@ -389,9 +389,10 @@ def tweak_block(
     tweaker = _core.NormTweaker(config.lr, config.scale, config.passes, num_layers)
     tweaker.begin_layer(layer_index, [p.data for p in params])
     n = len(inputs)
+    # The judge's share of the caller's outputs, split the same way as the inputs and targets.
+    judge_q = _split_holdout(inputs, outputs, config.holdout)[3] if outputs is not None else None
     inputs, targets, judge_x, judge_f = _split_holdout(inputs, targets, config.holdout)
     whole = len(judge_x) == n  # the judge runs the block on every input: its outputs are the walk's next inputs
-    judge_q = outputs[n - len(judge_x) :] if outputs is not None else None  # the judge's samples are the last ones
     kept = _kept(targets, config.skip_first)
     judged: dict[str, list[torch.Tensor]] = {}
 

@@ -515,6 +515,17 @@ def test_bench_pairs_only_rows_from_one_calibration_sampler(tmp_path):
     assert table.count("old shared-stream sampler") == 1
     with pytest.raises(SystemExit, match="sampler"):
         bench.draws_table([str(files[2]), str(files[1])])
+    # Text calibration has no sampler: a row file recording None and a store or file leaving the key out read alike.
+    text = {**settings, "calib": "text:emma"}
+    text_rows = [{**r, "settings": text} for r in (row("gptq", [True, False, False, False], calib_sampler=None),
+                                                     row("gptq-nt", [True, True, False, False]))]
+    assert [bench.stored_sampler(r) for r in text_rows] == [None, None]
+    assert "+1/-0" in bench.pair_table(text_rows)
+    assert bench.same_draw({"settings": text, "rows": {}}, text)
+    assert not bench.same_draw({"settings": settings, "rows": {}}, settings)  # no sampler recorded: the old stream
+    for i, r in enumerate(text_rows):
+        files[i].write_text(json.dumps(r))
+    assert "old shared-stream" not in bench.draws_table([str(f) for f in files[:2]])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
