@@ -15,7 +15,7 @@ CMAKE_ARGS ?=
 # is installed; cuSOLVER loads cuSPARSE and nvJitLink.
 CUDA_WHEELS := nvidia-cublas==13.10.0.20 nvidia-cusolver==12.4.1.2 nvidia-cusparse==12.9.4.2 nvidia-nvjitlink==13.5.37
 
-.PHONY: all deps build python test test-cpp test-python test-sanitize demo bench clean data
+.PHONY: all deps configure build python test test-cpp test-python test-sanitize demo bench clean data
 
 all: build
 
@@ -48,10 +48,12 @@ $(STAMPS)/venv: requirements-dev.txt
 	fi
 	@touch $@
 
-build: deps
-	@echo "== building the C++ library, tests and examples in $(BUILD)/"
+configure: deps
 	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja \
 	  -DCMAKE_BUILD_TYPE=Release $(CMAKE_ARGS)
+
+build: configure
+	@echo "== building the C++ library, tests and examples in $(BUILD)/"
 	cmake --build $(BUILD) -j $(JOBS)
 
 python: deps
@@ -77,8 +79,10 @@ test-sanitize: deps
 	cd $(SAN_BUILD) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
 	  ctest --output-on-failure -E consumer  # the packaging tests gain nothing from sanitizers
 
-demo: build python data
+# The demo builds only what it runs (the C++ example and the Python package), not the tests or the CUDA kernels.
+demo: configure python data
 	@echo "== RTN vs GPTQ on a realistic 2048x2048 layer (C++ API)"
+	cmake --build $(BUILD) -j $(JOBS) --target quantize_layer
 	./$(BUILD)/examples/quantize_layer
 	@echo "== SmolLM2-135M at W3 g128: float vs GPTQ vs GPTQ + Norm Tweaking"
 	$(PY) examples/demo_smollm2.py $(DEMO_ARGS)

@@ -52,6 +52,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,6 +185,12 @@ def run_row(args) -> dict:
     row_settings = settings(args)
     res = {"row": args.run_row, "settings": row_settings, "calib_sampler": sampler(row_settings), "quantize_s": secs,
            "linear_sha": linear_sha(model), **extra}
+    if args.extend:
+        earlier = earlier_row(args.extend, args.run_row)
+        check_extendable(earlier, res)
+        ppl = ev.perplexity(model, tok, held_text, seqlen=512, max_chunks=args.ppl_windows)["ppl"]
+        check_reproduced(earlier, res, ppl)
+        return extend_row(earlier, res, args, lambda task: ev.multiple_choice(model, tok, task, limit=args.mc_limit))
     lam = ev.lambada(model, tok, limit=args.lambada_limit, per_passage=True)
     res["lambada_acc"], res["lambada_ppl"], res["lambada_n"] = lam["acc"], lam["ppl"], lam["n"]
     res["lambada_correct"] = bits_to_hex(lam["correct"])
@@ -196,6 +203,93 @@ def run_row(args) -> dict:
     res["peak_rss_gib"] = peak_rss_gib()
     res["threads"] = torch.get_num_threads()
     return res
+
+
+# Settings that change no float row's numbers: a float row has no calibration and no quantizer.
+FLOAT_FREE_SETTINGS = ("calib", "calib_seed", "nsamples", "seqlen", "tweak_lr", "tweak_scale", "sym", "act_order",
+                       "tweak_calib")
+REPRODUCE_REL = 1e-9  # a row run again on one thread with the same code repeats its float sums exactly
+
+
+def earlier_row(path: str, name: str) -> dict:
+    """Row `name` from a --run-row file or a store (`{"settings", "rows": {...}}`), with the store's settings and
+    sampler, as --extend starts from it."""
+    d = json.loads(Path(path).read_text())
+    if "rows" in d:
+        if name not in d["rows"]:
+            raise SystemExit(f"--extend {path}: the store has no row {name!r} (it has {', '.join(d['rows'])})")
+        d = {**d["rows"][name], "row": name, "settings": d["settings"],
+             **({"calib_sampler": d["calib_sampler"]} if "calib_sampler" in d else {})}
+    if d.get("row") != name:
+        raise SystemExit(f"--extend {path} holds row {d.get('row')!r}, not {name!r}")
+    if "settings" not in d:
+        raise SystemExit(f"--extend {path}: row {name!r} was stored without its settings; measure it again")
+    return d
+
+
+def settings_diff(row: str, a: dict, b: dict, ignore: tuple[str, ...] = ()) -> dict:
+    """{setting: (a's, b's)} where two measurements of `row` differ in a way that changes its numbers (a float row
+    has no calibration and no quantizer)."""
+    skip = set(ignore) | (set(FLOAT_FREE_SETTINGS) if row == "float" else set())
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if k not in skip and a.get(k) != b.get(k)}
+
+
+def check_extendable(earlier: dict, now: dict) -> None:
+    """--extend adds tasks to an earlier measurement of the same row: it must have used these settings (all but the
+    multiple-choice tasks) and this calibration sampler, and ran GPTQ to the same weights."""
+    diff = settings_diff(now["row"], earlier["settings"], now["settings"], ignore=("mc_tasks",))
+    if diff:
+        raise SystemExit(f"--extend: row {now['row']} was measured with other settings (earlier, now: {diff}); "
+                         "pass the earlier settings")
+    if now["row"] != "float" and stored_sampler(earlier) != stored_sampler(now):
+        raise SystemExit(f"--extend: row {now['row']} was calibrated with sampler {stored_sampler(earlier)!r}, this "
+                         f"normtweak draws with {stored_sampler(now)!r}: not the same calibration")
+    if earlier.get("linear_sha", now["linear_sha"]) != now["linear_sha"]:
+        raise SystemExit(f"--extend: row {now['row']}'s Linear weights differ from the earlier run's (sha "
+                         f"{now['linear_sha']} vs {earlier['linear_sha']}): other code or threads; measure it again")
+
+
+def check_reproduced(earlier: dict, now: dict, ppl: float) -> None:
+    """The model is the earlier one, norms included: its text perplexity and (with a KL stage) the stage's final
+    KL repeat to REPRODUCE_REL."""
+    pairs = [("text ppl", earlier.get("ppl"), ppl)]
+    if "kl_tweak" in earlier or "kl_tweak" in now:
+        pairs.append(("KL stage loss_after", earlier.get("kl_tweak", {}).get("loss_after"),
+                      now.get("kl_tweak", {}).get("loss_after")))
+    for what, a, b in pairs:
+        if a is None or b is None or abs(b / a - 1) > REPRODUCE_REL:
+            raise SystemExit(f"--extend: row {now['row']} did not reproduce its {what} ({b} now, {a} earlier); "
+                             "measure it again instead")
+
+
+def extend_row(earlier: dict, now: dict, args, mc: Callable[[str], dict]) -> dict:
+    """The earlier row with the multiple-choice tasks of --mc-tasks it lacks, measured now by `mc(task)`."""
+    tasks = [t for t in args.mc_tasks.split(",") if t]
+    added = [t for t in tasks if t not in earlier]
+    res = {**earlier, "settings": {**earlier["settings"], "mc_tasks": args.mc_tasks}}
+    for task in added:
+        r = mc(task)
+        res[task], res[task + "_norm"], res[task + "_n"] = r["acc"], r["acc_norm"], r["n"]
+    res["extended"] = {"tasks": added, "date": str(datetime.date.today()), "linear_sha": now["linear_sha"],
+                       "peak_rss_gib": peak_rss_gib()}
+    return res
+
+
+def import_rows(store: dict, files: list[str]) -> None:
+    """Put --run-row files into `store`; each must have been measured with the store's settings and calibration
+    sampler (a float row: with its evaluation settings)."""
+    for f in files:
+        r = json.loads(Path(f).read_text())
+        if "settings" not in r or "row" not in r:
+            raise SystemExit(f"--import-rows {f}: not a --run-row file (no row name or settings)")
+        diff = settings_diff(r["row"], r["settings"], store["settings"])
+        if diff:
+            raise SystemExit(f"--import-rows {f}: row {r['row']} was measured with other settings than the store's "
+                             f"(row, store: {diff}); pass the row's settings")
+        if r["row"] != "float" and stored_sampler(r) != stored_sampler(store):
+            raise SystemExit(f"--import-rows {f}: row {r['row']} was calibrated with sampler {stored_sampler(r)!r}, "
+                             f"the store's rows with {stored_sampler(store)!r}")
+        store["rows"][r["row"]] = {k: v for k, v in r.items() if k not in ("row", "settings", "calib_sampler")}
 
 
 def quantize_cached(model, calib, cfg, folder: Path | None) -> float:
@@ -529,6 +623,12 @@ def main() -> None:
                          "quantized weights in DIR and reuse them when "
                          "another row quantizes the same model on the same calibration with the same settings "
                          "(the key covers the normtweak package's code, so any change to it quantizes afresh)")
+    ap.add_argument("--extend", metavar="JSON",
+                    help="with --run-row: the row's earlier measurement (a --run-row file or a store); quantize and "
+                         "tweak again, check that the weights, the KL stage's result and the text perplexity "
+                         "reproduce it, and add only the --mc-tasks it lacks (its LAMBADA results are kept)")
+    ap.add_argument("--import-rows", nargs="+", metavar="ROW_JSON",
+                    help="put these --run-row files into --store (they must have its settings), then write --out")
     ap.add_argument("--pair", nargs="+", metavar="ROW_JSON",
                     help="print the rows that --run-row wrote, each paired passage by passage with the first")
     ap.add_argument("--pair-draws", nargs="+", metavar="ROW_JSON",
@@ -543,6 +643,8 @@ def main() -> None:
         return
     if args.run_row and not args.row_out:
         ap.error("--run-row needs --row-out")
+    if args.extend and not args.run_row:
+        ap.error("--extend goes with --run-row")
     if args.also is None:
         default = Path(args.store).resolve() == (ROOT / "docs" / "results.json").resolve()
         args.also = [str(ROOT / "docs" / n) for n in ALSO_STORES] if default else []
@@ -569,9 +671,14 @@ def main() -> None:
         store = {"settings": settings(args), "rows": {}}
         if sampler(store["settings"]):
             store["calib_sampler"] = sampler(store["settings"])
+    if args.import_rows:
+        import_rows(store, args.import_rows)
+        store["written"] = str(datetime.date.today())
+        write_atomic(store_path, json.dumps(store, indent=1))
+        wanted = [r for r in wanted if r in store["rows"]]
     if args.backfill:
         backfill(args, store, store_path, wanted)
-    for name in [] if args.render_only or args.backfill else wanted:
+    for name in [] if args.render_only or args.backfill or args.import_rows else wanted:
         store["rows"].update(stored_rows(store_path, store["settings"]))
         if name in store["rows"]:
             print(f"{name}: stored, skipped", flush=True)

@@ -528,6 +528,56 @@ def test_bench_pairs_only_rows_from_one_calibration_sampler(tmp_path):
     assert "old shared-stream" not in bench.draws_table([str(f) for f in files[:2]])
 
 
+def test_bench_extends_a_row_only_when_it_reproduces_and_imports_only_matching_rows(tmp_path):
+    """--extend adds multiple-choice tasks to an earlier row only when this run has its settings (the
+    multiple-choice tasks aside), its weights, its KL stage result and its text perplexity; the earlier LAMBADA
+    results are kept. --import-rows puts only rows measured with the store's settings into a store (a float row:
+    whatever the calibration)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from normtweak.calibration import SAMPLER
+
+    bench = load_bench()
+    settings = {"calib": "generate", "calib_seed": 0, "nsamples": 2, "seqlen": 8, "mc_tasks": ""}
+    earlier = {"row": "gptq-nt", "settings": settings, "calib_sampler": SAMPLER, "linear_sha": "ab", "ppl": 50.0,
+               "kl_tweak": {"loss_after": 0.3}, "lambada_acc": 0.25, "lambada_correct": "1"}
+    now = {"row": "gptq-nt", "settings": {**settings, "mc_tasks": "piqa"}, "calib_sampler": SAMPLER,
+           "linear_sha": "ab", "kl_tweak": {"loss_after": 0.3}}
+    bench.check_extendable(earlier, now)
+    bench.check_reproduced(earlier, now, 50.0)
+    for bad, match in (({**now, "linear_sha": "cd"}, "Linear weights differ"),
+                       ({**now, "settings": {**now["settings"], "nsamples": 4}}, "nsamples"),
+                       ({**now, "calib_sampler": bench.LEGACY_SAMPLER}, "sampler")):
+        with pytest.raises(SystemExit, match=match):
+            bench.check_extendable(earlier, bad)
+    with pytest.raises(SystemExit, match="text ppl"):
+        bench.check_reproduced(earlier, now, 50.0 * (1 + 1e-6))
+    with pytest.raises(SystemExit, match="KL stage"):
+        bench.check_reproduced(earlier, {**now, "kl_tweak": {"loss_after": 0.31}}, 50.0)
+    float_row = {"row": "float", "settings": {**settings, "nsamples": 128}, "ppl": 37.0}
+    bench.check_extendable(float_row, {**float_row, "settings": now["settings"], "linear_sha": "ff"})
+
+    asked = []
+    args = argparse.Namespace(mc_tasks="piqa")
+    out = bench.extend_row(earlier, now, args, lambda t: asked.append(t) or {"acc": 0.6, "acc_norm": 0.7, "n": 3})
+    assert asked == ["piqa"] and out["piqa"] == 0.6 and out["piqa_n"] == 3
+    assert out["lambada_correct"] == "1" and out["settings"]["mc_tasks"] == "piqa"
+    assert bench.extend_row(out, now, args, lambda t: pytest.fail("piqa is there"))["extended"]["tasks"] == []
+
+    store = {"settings": {**settings, "mc_tasks": "piqa"}, "calib_sampler": SAMPLER, "rows": {}}
+    files = []
+    for i, r in enumerate([out, {**float_row, "settings": store["settings"] | {"nsamples": 128}}]):
+        files.append(str(tmp_path / f"{i}.json"))
+        Path(files[-1]).write_text(json.dumps(r))
+    bench.import_rows(store, files)
+    assert set(store["rows"]) == {"gptq-nt", "float"} and store["rows"]["gptq-nt"]["piqa"] == 0.6
+    Path(files[0]).write_text(json.dumps(earlier))  # mc_tasks "" against the store's "piqa"
+    with pytest.raises(SystemExit, match="mc_tasks"):
+        bench.import_rows(store, files[:1])
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_watched_inputs_stop_the_forward_once_every_watched_layer_has_run(arch):
     """Statistics gathering hands every watcher exactly the inputs a full forward gives its layer; from the second
