@@ -545,6 +545,12 @@ def render(store: dict, store_path: Path, wanted: list[str], heading: str = "# A
     if threads:
         lines += ["", f"Rows measured since the `threads` field was added ran on {'/'.join(map(str, threads))} "
                   "thread(s) each, two rows at a time on the 2 cores; quantize seconds compare only roughly."]
+    extended = [n for n, r in rows.items() if r.get("extended", {}).get("tasks")]
+    if extended:
+        tasks = sorted({t for n in extended for t in rows[n]["extended"]["tasks"]})
+        lines += ["", f"{', '.join(tasks)} of {', '.join(f'`{n}`' for n in extended)} were measured later, on the "
+                  "same model built again (`--run-row ROW --extend`: its Linear weights, text perplexity and any KL "
+                  "stage result reproduced); the other columns are the first run's."]
     lines += ["", "Command: `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_accuracy.py "
               f"--rows {','.join(rows)} {' '.join(setting_flags(s, shell=True))} --store docs/{store_path.name}`"]
     missing = [r for r in wanted if r not in rows]

@@ -576,6 +576,14 @@ def test_bench_extends_a_row_only_when_it_reproduces_and_imports_only_matching_r
     Path(files[0]).write_text(json.dumps(earlier))  # mc_tasks "" against the store's "piqa"
     with pytest.raises(SystemExit, match="mc_tasks"):
         bench.import_rows(store, files[:1])
+    # The page says which columns were measured later, by --extend.
+    full = {"lambada_limit": None, "ppl_windows": 1, "mc_limit": None, "tweak_lr": 1e-5, "tweak_scale": 5.0,
+            "sym": False, "act_order": True, **store["settings"]}
+    cells = {"lambada_acc": 0.5, "lambada_ppl": 2.0, "lambada_n": 1, "ppl": 3.0, "piqa": 0.6, "quantize_s": 0.0,
+             "peak_rss_gib": 1.0}
+    rows = {"gptq-w3g128": {**cells, "extended": {"tasks": ["piqa"]}}, "float": {**cells, "extended": {"tasks": []}}}
+    text = bench.render({**store, "settings": full, "rows": rows}, tmp_path / "s.json", [])
+    assert "piqa of `gptq-w3g128` were measured later" in text and "`float`" not in text
 
 
 @pytest.mark.parametrize("arch", ARCHS)
