@@ -241,9 +241,8 @@ def check_extendable(earlier: dict, now: dict) -> None:
     if diff:
         raise SystemExit(f"--extend: row {now['row']} was measured with other settings (earlier, now: {diff}); "
                          "pass the earlier settings")
-    if now["row"] != "float" and stored_sampler(earlier) != stored_sampler(now):
-        raise SystemExit(f"--extend: row {now['row']} was calibrated with sampler {stored_sampler(earlier)!r}, this "
-                         f"normtweak draws with {stored_sampler(now)!r}: not the same calibration")
+    if now["row"] != "float":
+        check_same_sampler(earlier, now, "--extend cannot add to it; measure it again")
     if earlier.get("linear_sha", now["linear_sha"]) != now["linear_sha"]:
         raise SystemExit(f"--extend: row {now['row']}'s Linear weights differ from the earlier run's (sha "
                          f"{now['linear_sha']} vs {earlier['linear_sha']}): other code or threads; measure it again")
@@ -286,9 +285,8 @@ def import_rows(store: dict, files: list[str]) -> None:
         if diff:
             raise SystemExit(f"--import-rows {f}: row {r['row']} was measured with other settings than the store's "
                              f"(row, store: {diff}); pass the row's settings")
-        if r["row"] != "float" and stored_sampler(r) != stored_sampler(store):
-            raise SystemExit(f"--import-rows {f}: row {r['row']} was calibrated with sampler {stored_sampler(r)!r}, "
-                             f"the store's rows with {stored_sampler(store)!r}")
+        if r["row"] != "float":
+            check_same_sampler(store, r, f"--import-rows cannot put {f} into this store")
         store["rows"][r["row"]] = {k: v for k, v in r.items() if k not in ("row", "settings", "calib_sampler")}
 
 
@@ -416,12 +414,13 @@ def paired_cell(rows: dict, name: str) -> str:
     return paired_text(b, r)
 
 
-def check_same_sampler(base: dict, row: dict) -> None:
-    """Two rows paired passage by passage must share a calibration draw: refuse rows from different samplers."""
+def check_same_sampler(base: dict, row: dict, what: str = "not pairable. Pair rows measured by one normtweak "
+                       "version (measure the older row again with --run-row)") -> None:
+    """Rows compared or merged (paired passage by passage, extended, imported into a store) must share a
+    calibration draw: refuse rows from different samplers; `what` ends the message."""
     if stored_sampler(base) != stored_sampler(row):
-        raise SystemExit(f"row {row['row']} was calibrated with sampler {stored_sampler(row)!r} and {base['row']} "
-                         f"with {stored_sampler(base)!r}: not the same draw, so not pairable. Pair rows measured by "
-                         "one normtweak version (measure the older row again with --run-row)")
+        raise SystemExit(f"row {row.get('row')} was calibrated with sampler {stored_sampler(row)!r} and "
+                         f"{base.get('row', 'the store')} with {stored_sampler(base)!r}: not the same draw, so {what}")
 
 
 def row_label(r: dict) -> str:
