@@ -23,7 +23,7 @@ import torch
 from . import core
 from .models import (Adapter, all_norms, block_norms, blocks, final_norm, get_adapter, get_module, head_logits, linear_weight,
                      set_linear_weight)
-from .tweak import TweakConfig, _StopForward, _first, kl_steps, run_watching_inputs, tweak_block, tweak_norms_kl
+from .tweak import TweakConfig, _StopForward, kl_steps, run_block, run_watching_inputs, tweak_block, tweak_norms_kl
 
 log = logging.getLogger("normtweak")
 
@@ -172,11 +172,6 @@ def stats_gap(f: tuple[torch.Tensor, torch.Tensor], q: tuple[torch.Tensor, torch
     return (f[0] - q[0]).abs().mean().item(), (f[1] - q[1]).abs().mean().item()
 
 
-@torch.no_grad()
-def _run(block, inputs, kwargs) -> list[torch.Tensor]:
-    return [_first(block(x, **kwargs)) for x in inputs]
-
-
 def _check_group_size(cfg: GPTQConfig, W: torch.Tensor, lname: str) -> None:
     if cfg.group_size > W.shape[1]:
         raise ValueError(
@@ -305,8 +300,8 @@ def quantize(
         # fOut_l on the quantized model's activations (Algorithm 1); with passes 0 nothing is tweaked toward it, and
         # Figure 1's statistics compare with the float path's own outputs instead of running the block once more
         local = tweak is None or (tweak.target == "local" and tweak.passes > 0)
-        targets = _run(ref_block, inputs, kwargs) if local else None
-        fnext = _run(ref_block, finputs, kwargs) if finputs is not None else None  # the float path's next input
+        targets = run_block(ref_block, inputs, kwargs) if local else None
+        fnext = run_block(ref_block, finputs, kwargs) if finputs is not None else None  # the float path's next input
         if targets is None:
             targets = fnext  # fOut_l on the float model's activations
         fallbacks: list = []
@@ -329,14 +324,14 @@ def quantize(
                           else dict.fromkeys(names))
                 for name in names:
                     attach_act_quant(get_module(block, name), config.abits, scales[name])
-        outs = _run(block, inputs, kwargs)
+        outs = run_block(block, inputs, kwargs)
         fstats = channel_moments(targets)
         dmu0, dvar0 = stats_gap(fstats, channel_moments(outs))
         tstats = None
         if tweak is not None and tweak.passes > 0:  # passes 0: the KL stage alone
             tstats = tweak_block(block, block_norms(block, adapter), inputs, targets, kwargs, tweak, i, L, outputs=outs)
             judged = tstats.pop("outputs", None)  # the judge's run of the block as tweaked, when it saw every input
-            outs = judged if judged is not None else _run(block, inputs, kwargs)
+            outs = judged if judged is not None else run_block(block, inputs, kwargs)
         dmu, dvar = stats_gap(fstats, channel_moments(outs)) if tstats is not None else (dmu0, dvar0)
         stats.append(BlockStats(i, dmu, dvar, dmu0, dvar0, tstats, fallbacks, time.perf_counter() - t0, smoothing))
         inputs = outs

@@ -3,6 +3,7 @@ export/reload and post-step round trips, and errors."""
 
 import copy
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ import normtweak as nt
 from normtweak import export
 from normtweak.models import ADAPTERS, block_norms, blocks, get_adapter, keep_first_blocks
 from normtweak.tweak import _first
+
+TWEAK = importlib.import_module("normtweak.tweak")  # the module: nt.tweak is the post-step function
 
 HIDDEN, LAYERS, VOCAB = 64, 2, 128
 
@@ -393,11 +396,11 @@ def test_kl_stage_alone_after_a_block_tweak_equals_the_two_in_one_call():
     rep = nt.tweak(ref, both, ids, cfg, progress=False)
     nt.tweak(ref, split, ids, dataclasses.replace(cfg, kl_norms="off"), progress=False)
     before = [t.clone() for t in norm_state(split)]
-    float_runs = []  # with nothing tweaked per block, each float block runs once per sample: the float path alone
-    hook = blocks(ref)[0].register_forward_hook(lambda *a: float_runs.append(1))
+    float_runs = []  # with nothing tweaked per block, each float block sees each sample once: the float path alone
+    hook = blocks(ref)[0].register_forward_hook(lambda m, args, out: float_runs.append(args[0].shape[0]))
     rep0 = nt.tweak(ref, split, ids, dataclasses.replace(cfg, passes=0), progress=False)
     hook.remove()
-    assert len(float_runs) == len(ids)
+    assert sum(float_runs) == len(ids)
     assert all(b["tweak"] is None for b in rep0.blocks)
     assert rep0.kl_tweak == rep.kl_tweak and not rep.kl_tweak["rolled_back"]
     for a, b in zip(norm_state(both), norm_state(split)):
@@ -586,13 +589,17 @@ def test_bench_extends_a_row_only_when_it_reproduces_and_imports_only_matching_r
     assert "piqa of `gptq-w3g128` were measured later" in text and "`float`" not in text
 
 
+@pytest.mark.parametrize("tokens", [1, 64])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_watched_inputs_stop_the_forward_once_every_watched_layer_has_run(arch):
-    """Statistics gathering hands every watcher exactly the inputs a full forward gives its layer; from the second
-    sample on, the forward stops once the last watched layer has its input, so later layers do not run."""
+def test_watched_inputs_stop_the_forward_once_every_watched_layer_has_run(arch, tokens, monkeypatch):
+    """Statistics gathering hands every watcher exactly the inputs a full forward of each sample gives its layer,
+    one sample at a time, whether the samples run alone (tokens 1) or two to a batch (64 tokens: 32 + 32, then
+    the third alone); from the second forward on, the forward stops once the last watched layer has its input, so
+    later layers do not run."""
     from normtweak.pipeline import capture_block_inputs
     from normtweak.tweak import run_watching_inputs
 
+    monkeypatch.setattr(TWEAK, "FORWARD_TOKENS", tokens)
     model = tiny(arch)
     inputs, kwargs = capture_block_inputs(model, calib(n=3))
     block, groups = blocks(model)[0], get_adapter(model).groups
@@ -616,6 +623,46 @@ def test_watched_inputs_stop_the_forward_once_every_watched_layer_has_run(arch):
             assert len(seen[n]) == len(inputs)
             assert all(torch.equal(a, b) for a, b in zip(seen[n], full[n]))
         assert len(ran) == 1, f"{last} ran {len(ran)} times over {len(inputs)} samples watching {group}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_block_forwards_give_each_sample_its_own_output_to_the_bit(arch):
+    """run_block batches consecutive samples (up to FORWARD_TOKENS tokens) where the block's keyword arguments
+    broadcast over a batch; each output equals the sample's own forward exactly, so batching changes no result.
+    BLOOM's ALiBi tensor carries the batch in its first dimension: its samples run one at a time."""
+    from normtweak.pipeline import capture_block_inputs
+    from normtweak.tweak import forward_batches, run_block
+
+    model = tiny(arch)
+    inputs, kwargs = capture_block_inputs(model, calib(n=5))
+    block = blocks(model)[0]
+    with torch.no_grad():
+        alone = [_first(block(x, **kwargs)) for x in inputs]
+    runs = [len(xs) for xs in forward_batches(inputs, kwargs)]
+    assert sum(runs) == len(inputs)
+    assert runs == ([1] * 5 if arch == "bloom" else [5])
+    assert [len(xs) for xs in forward_batches(inputs, kwargs, tokens=64)] == ([1] * 5 if arch == "bloom"
+                                                                              else [2, 2, 1])
+    for a, b in zip(alone, run_block(block, inputs, kwargs), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_quantize_and_tweak_are_the_same_with_and_without_batched_forwards(arch, monkeypatch):
+    """The whole walk (Hessians, GPTQ, the tweak and its judge) ends in the same weights and norms to the bit
+    whether the block forwards batch samples or not (OPT flattens its MLP's input to [tokens, C])."""
+    results = []
+    for tokens in (1, TWEAK.FORWARD_TOKENS):
+        monkeypatch.setattr(TWEAK, "FORWARD_TOKENS", tokens)
+        model = tiny(arch)
+        report = nt.pipeline.quantize(model, calib(), nt.GPTQConfig(bits=3, group_size=32),
+                                      nt.TweakConfig(lr=1e-3, kl_norms="all"), progress=False)
+        results.append((model.state_dict(), report))
+    (a, ra), (b, rb) = results
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [x["tweak"] for x in ra.blocks] == [x["tweak"] for x in rb.blocks]
+    assert ra.kl_tweak == rb.kl_tweak
 
 
 STATS_REL = 1e-9  # float64 sums of float32 tokens against the all-float64 reference
