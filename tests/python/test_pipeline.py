@@ -711,3 +711,25 @@ def test_model_fingerprint_names_the_weights_not_the_folder(tmp_path):
     assert model_fingerprint(b) != model_fingerprint(a)
     a.config.rms_norm_eps *= 2
     assert model_fingerprint(a) != model_fingerprint(model)
+
+
+def test_quantize_without_stats_skips_the_float_forward_and_keeps_the_weights():
+    """block_stats=False without a tweak: the same quantized weights, one forward of each block over the samples fewer
+    (the float block's, which only Figure 1's gaps need), and those gaps NaN rather than made up."""
+    import math
+
+    ids, results = calib(), {}
+    for stats in (True, False):
+        model = tiny("llama")
+        seen = []
+        hook = blocks(model)[0].register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+        report = nt.pipeline.quantize(model, ids, nt.GPTQConfig(bits=3, group_size=32), progress=False,
+                                      block_stats=stats)
+        hook.remove()
+        results[stats] = (model.state_dict(), report, sum(seen))
+    (a, with_stats, runs), (b, without, runs_without) = results[True], results[False]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert runs - runs_without == len(ids)
+    assert all(math.isfinite(x["delta_mu_before_tweak"]) for x in with_stats.blocks)
+    assert all(math.isnan(x[k]) for x in without.blocks
+               for k in ("delta_mu", "delta_var", "delta_mu_before_tweak", "delta_var_before_tweak"))
