@@ -343,7 +343,8 @@ def quantize(
             finputs = fnext
         if ckpt is not None:
             ckpt.save_block(i, block, asdict(stats[-1]), inputs, finputs)
-        bar.set_postfix(dmu=f"{dmu:.3g}", dvar=f"{dvar:.3g}")
+        if not math.isnan(dmu):  # block_stats=False leaves no gap to show
+            bar.set_postfix(dmu=f"{dmu:.3g}", dvar=f"{dvar:.3g}")
         bar.update(1)
         del targets, fnext
     bar.close()
