@@ -303,7 +303,7 @@ def quantize(
                     raise ValueError(f"block {i}: norm {a.name} shapes differ between float and quantized models")
         # fOut_l on the quantized model's activations (Algorithm 1); with passes 0 nothing is tweaked toward it, and
         # Figure 1's statistics compare with the float path's own outputs instead of running the block once more
-        local = (tweak is None and block_stats) or (tweak is not None and tweak.target == "local" and tweak.passes > 0)
+        local = block_stats if tweak is None else tweak.target == "local" and tweak.passes > 0
         targets = run_block(ref_block, inputs, kwargs) if local else None
         fnext = run_block(ref_block, finputs, kwargs) if finputs is not None else None  # the float path's next input
         if targets is None:

@@ -262,14 +262,21 @@ def forward_batches(inputs: Sequence[torch.Tensor], kwargs: dict,
         yield from ([x] for x in inputs)
         return
     run: list[torch.Tensor] = []
+    held = 0  # tokens in `run`
     for x in inputs:
-        if run and (x.shape[1:] != run[0].shape[1:] or sum(t.shape[:-1].numel() for t in run) + x.shape[:-1].numel()
-                    > tokens):
+        n = x.shape[:-1].numel()
+        if run and (x.shape[1:] != run[0].shape[1:] or held + n > tokens):
             yield run
-            run = []
+            run, held = [], 0
         run.append(x)
+        held += n
     if run:
         yield run
+
+
+def _joined(xs: list[torch.Tensor]) -> torch.Tensor:
+    """One forward_batches run as the batch a block forward takes."""
+    return torch.cat(xs) if len(xs) > 1 else xs[0]
 
 
 def _per_input(x: torch.Tensor, sizes: list[int]) -> Sequence[torch.Tensor]:
@@ -290,8 +297,7 @@ def run_block(block: torch.nn.Module, inputs: Sequence[torch.Tensor], kwargs: di
     """The block's output on each input, batching consecutive inputs (forward_batches)."""
     out: list[torch.Tensor] = []
     for xs in forward_batches(inputs, kwargs):
-        out += _per_input(_first(block(torch.cat(xs) if len(xs) > 1 else xs[0], **kwargs)),
-                          [x.shape[0] for x in xs])
+        out += _per_input(_first(block(_joined(xs), **kwargs)), [x.shape[0] for x in xs])
     return out
 
 
@@ -329,7 +335,7 @@ def run_watching_inputs(block: torch.nn.Module, watchers: dict[str, Callable[[to
             calls.update(dict.fromkeys(calls, 0))
             sizes[:] = [x.shape[0] for x in xs]
             try:
-                block(torch.cat(xs) if len(xs) > 1 else xs[0], **kwargs)
+                block(_joined(xs), **kwargs)
             except _StopForward:
                 pass
             if i == 0:

@@ -651,13 +651,18 @@ def test_batched_block_forwards_give_each_sample_its_own_output_to_the_bit(arch)
 def test_quantize_and_tweak_are_the_same_with_and_without_batched_forwards(arch, monkeypatch):
     """The whole walk (Hessians, GPTQ, the tweak and its judge) ends in the same weights and norms to the bit
     whether the block forwards batch samples or not (OPT flattens its MLP's input to [tokens, C])."""
-    results = []
+    results, batches = [], []
     for tokens in (1, TWEAK.FORWARD_TOKENS):
         monkeypatch.setattr(TWEAK, "FORWARD_TOKENS", tokens)
         model = tiny(arch)
+        seen = []
+        hook = blocks(model)[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
         report = nt.pipeline.quantize(model, calib(), nt.GPTQConfig(bits=3, group_size=32),
                                       nt.TweakConfig(lr=1e-3, kl_norms="all"), progress=False)
+        hook.remove()
         results.append((model.state_dict(), report))
+        batches.append(max(seen))
+    assert batches == [1, len(calib())]  # one sample per forward, then all 8 (256 tokens) in one
     (a, ra), (b, rb) = results
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
