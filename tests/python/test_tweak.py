@@ -1,6 +1,7 @@
 """Norm Tweaking pieces through the bindings, against torch.autograd and torch.optim."""
 
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from conftest import realistic_activations
 import normtweak as nt
 from normtweak import _core
 from normtweak.tweak import NormFn, _first, kl_steps
+
+TWEAK = importlib.import_module("normtweak.tweak")  # the module: nt.tweak is the post-step function
 
 # float32 C++ vs float64 torch autograd of the same formulas.
 FWD_REL = 1e-5
@@ -247,6 +250,31 @@ def test_kl_tweak_gradient_matches_a_double_precision_twin(kind):
     assert rel(w.grad, wd.grad) < GRAD_REL
     if b is not None:
         assert rel(b.grad, bd.grad) < GRAD_REL
+
+
+@pytest.mark.parametrize("rows,vocab", [(66, 96), (21, 50_000)])
+def test_sliced_next_token_kl_matches_the_whole_tensor_formula_in_double(rows, vocab, monkeypatch):
+    """next_token_kl (slices of positions; the gradient written as softmax(q) - softmax(f)) against the formula
+    on whole float64 tensors under autograd: the loss and the gradient. At the small vocabulary a slice holds 8
+    positions, so the last of 66 is partial; at 50,000 tokens the default slice holds 20 of 21."""
+    if vocab < 1000:
+        monkeypatch.setattr(TWEAK, "KL_SLICE_BYTES", 8 * 4 * vocab)
+    g = torch.Generator().manual_seed(11)
+    shape = (rows // 3, 3, vocab) if rows % 3 == 0 else (rows, vocab)
+    # a few large logits over a broad low tail, as a language model's are
+    f = torch.randn(shape, generator=g) * 4 + 8 * (torch.rand(shape, generator=g) > 0.999)
+    q = (f + torch.randn(shape, generator=g)).requires_grad_(True)
+    loss = TWEAK.next_token_kl(q, f)
+    loss.backward()
+    qd = q.detach().double().requires_grad_(True)
+    lf = torch.log_softmax(f.double(), -1)
+    want = (lf.exp() * (lf - torch.log_softmax(qd, -1))).sum(-1).mean()
+    want.backward()
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(want.item(), rel=FWD_REL)
+    assert rel(q.grad, qd.grad) < GRAD_REL
+    assert TWEAK.next_token_kl_ref(q.detach(), f).item() == pytest.approx(want.item(), rel=FWD_REL)
+    with pytest.raises(ValueError, match=r"quantized logits \(2, 3, 96\) and float logits \(2, 3, 95\)"):
+        TWEAK.next_token_kl(torch.zeros(2, 3, 96), torch.zeros(2, 3, 95))
 
 
 def test_kl_tweak_moves_the_quantized_distribution_toward_the_float_one():
