@@ -254,9 +254,9 @@ def test_kl_tweak_gradient_matches_a_double_precision_twin(kind):
 
 @pytest.mark.parametrize("rows,vocab", [(66, 96), (21, 50_000)])
 def test_sliced_next_token_kl_matches_the_whole_tensor_formula_in_double(rows, vocab, monkeypatch):
-    """next_token_kl (slices of positions; the gradient written as softmax(q) - softmax(f)) against the formula
-    on whole float64 tensors under autograd: the loss and the gradient. At the small vocabulary a slice holds 8
-    positions, so the last of 66 is partial; at 50,000 tokens the default slice holds 20 of 21."""
+    """next_token_kl (slices of positions, its own backward) against the formula on whole float64 tensors under
+    autograd, and against its float32 twin bit for bit: the loss and the gradient. At the small vocabulary a
+    slice holds 8 positions, so the last of 66 is partial; at 50,000 tokens the default slice holds 20 of 21."""
     if vocab < 1000:
         monkeypatch.setattr(TWEAK, "KL_SLICE_BYTES", 8 * 4 * vocab)
     g = torch.Generator().manual_seed(11)
@@ -272,7 +272,11 @@ def test_sliced_next_token_kl_matches_the_whole_tensor_formula_in_double(rows, v
     want.backward()
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(want.item(), rel=FWD_REL)
     assert rel(q.grad, qd.grad) < GRAD_REL
-    assert TWEAK.next_token_kl_ref(q.detach(), f).item() == pytest.approx(want.item(), rel=FWD_REL)
+    # the plain twin in float32: the same per-position operations, so the same bits (stored runs reproduce)
+    q32 = q.detach().clone().requires_grad_(True)
+    twin = TWEAK.next_token_kl_ref(q32, f)
+    twin.backward()
+    assert torch.equal(loss, twin) and torch.equal(q.grad, q32.grad)
     with pytest.raises(ValueError, match=r"quantized logits \(2, 3, 96\) and float logits \(2, 3, 95\)"):
         TWEAK.next_token_kl(torch.zeros(2, 3, 96), torch.zeros(2, 3, 95))
 
