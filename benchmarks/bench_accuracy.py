@@ -157,7 +157,8 @@ def run_row(args) -> dict:
                             mse=spec["mse"])
         tweak = None
         if spec["tweak"] is not None:
-            tweak = nt.TweakConfig(**{"lr": args.tweak_lr, "scale": args.tweak_scale, **spec["tweak"]})
+            # kl_judge 0: the KL stage's before/after on every calibration sample, as the stored rows measured it
+            tweak = nt.TweakConfig(**{"lr": args.tweak_lr, "scale": args.tweak_scale, "kl_judge": 0, **spec["tweak"]})
         post_step = tweak is not None and tweak.order == "after"
         if args.tweak_calib and not post_step:
             raise SystemExit(f"--tweak-calib {args.tweak_calib} needs a post-step row (-nt-order=after); "

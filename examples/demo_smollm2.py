@@ -97,8 +97,8 @@ def main() -> None:
     t0 = time.perf_counter()
     rep = nt.tweak(model, q, calib, kl_tweak)
     kl = rep.kl_tweak
-    print(f"KL stage: next-token KL to the float model {kl['loss_before']:.3f} -> {kl['loss_after']:.3f} nats"
-          + (" (rolled back)" if kl["rolled_back"] else ""))
+    print(f"KL stage: next-token KL to the float model {kl['loss_before']:.3f} -> {kl['loss_after']:.3f} nats on "
+          f"{kl['judged']} of the {len(calib)} calibration samples" + (" (rolled back)" if kl["rolled_back"] else ""))
     rows.append(("GPTQ + NT + KL stage", evaluate(q, tok, args), nt_secs + time.perf_counter() - t0))
     del q
     grid = "sym" if args.sym else "asym"

@@ -41,6 +41,9 @@ def _add_tweak_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-lr", type=float, default=TweakConfig.kl_lr, help="Adam's rate for --kl-tweak")
     p.add_argument("--kl-passes", type=int, default=TweakConfig.kl_passes,
                    help="passes over the calibration set for --kl-tweak")
+    p.add_argument("--kl-judge", type=int, default=TweakConfig.kl_judge, metavar="N",
+                   help="calibration samples (evenly spread) on which --kl-tweak's KL is measured before and after, "
+                        "to decide the rollback; 0: all")
     p.add_argument("--tweak-holdout", type=float, default=0.0,
                    help="fraction of calibration samples that only judge each block's tweak (rollback decision); "
                         "with a learning-rate search, the fraction held out to judge each lr0 (default 1/8)")
@@ -82,7 +85,7 @@ def _tweak_config(args):
     return TweakConfig(lr=lr, scale=args.tweak_scale, passes=args.tweak_passes, loss=args.loss,
                        holdout=args.tweak_holdout, lr_grid=grid, order=getattr(args, "tweak_order", "walk"),
                        target=args.tweak_target, skip_first=args.tweak_skip_first, kl_norms=args.kl_tweak,
-                       kl_lr=args.kl_lr, kl_passes=args.kl_passes)
+                       kl_lr=args.kl_lr, kl_passes=args.kl_passes, kl_judge=args.kl_judge)
 
 
 def _kl_cell(f: dict) -> str:

@@ -80,6 +80,12 @@ class TweakConfig:
         draws (docs/findings.md); "final" alone cut the KL 1.7% at most.
     kl_lr: Adam's rate for that stage (one rate for every norm; eq. 3's schedule does not apply).
     kl_passes: passes over the calibration set for that stage.
+    kl_judge: at most this many of the judge's samples (the held-out ones, or with holdout 0 the training ones),
+        evenly spread, measure that stage's KL before and after for the rollback decision; 0: all of them. The
+        norms it leaves are the same either way (unless the decision flips). The judge's measurement after the
+        stage is one forward of the whole model per sample: on SmolLM2-135M at 128 x 256 tokens, judging on all
+        samples took 96 s of the stage's 315 s. 32 samples of 256 tokens put 8192 positions behind each average,
+        and the before/after comparison is paired on the same samples.
     """
 
     lr: float = 1e-5
@@ -96,6 +102,7 @@ class TweakConfig:
     kl_norms: str = "off"
     kl_lr: float = 1e-3
     kl_passes: int = 1
+    kl_judge: int = 32
 
     def __post_init__(self) -> None:
         if self.order not in ("walk", "after"):
@@ -129,6 +136,8 @@ class TweakConfig:
             raise ValueError(f"tweak kl_lr={self.kl_lr} must be positive (--kl-lr)")
         if self.kl_passes < 1:
             raise ValueError(f"tweak kl_passes={self.kl_passes} must be at least 1 (--kl-passes)")
+        if self.kl_judge < 0:
+            raise ValueError(f"tweak kl_judge={self.kl_judge} must be 0 (every sample) or more (--kl-judge)")
         if self.skip_first < 0:
             raise ValueError(f"tweak skip_first={self.skip_first} must be non-negative (--tweak-skip-first)")
 
@@ -574,8 +583,9 @@ def tweak_norms_kl(
     logits_before: sample indices -> the quantized model's logits as they stand before the tweak, by a cheaper
         road than `quant_logits` when there is one (the walk's last hidden states through the final norm and the
         head); the judge's starting loss comes from it.
-    Returns {"loss_before", "loss_after", "lr", "rolled_back", "steps"}; the losses are the KL in nats per token
-    (on the held-out samples when `config.holdout` > 0).
+    Returns {"loss_before", "loss_after", "lr", "rolled_back", "steps", "judged"}; the losses are the KL in nats
+    per token on the `judged` samples: the held-out ones when `config.holdout` > 0, at most `config.kl_judge` of
+    them.
     """
     if not norms:
         raise ValueError("tweak_norms_kl needs at least one norm module")
@@ -584,6 +594,8 @@ def tweak_norms_kl(
     tweaker.begin_layer(0, [p.data for p in params])
     idx = list(range(samples))
     train, _, judge, _ = _split_holdout(idx, idx, config.holdout)
+    if 0 < config.kl_judge < len(judge):
+        judge = [judge[i * len(judge) // config.kl_judge] for i in range(config.kl_judge)]
     skip = config.skip_first
 
     def loss(batch: list[int], logits: Callable[[list[int]], torch.Tensor] = quant_logits) -> torch.Tensor:
@@ -608,4 +620,4 @@ def tweak_norms_kl(
     if out["rolled_back"]:
         log.info("KL tweak: the next-token KL rose (%.4g -> %.4g); norms rolled back", out["loss_before"],
                  out["loss_after"])
-    return {**out, "lr": config.kl_lr}
+    return {**out, "lr": config.kl_lr, "judged": len(judge)}

@@ -281,6 +281,50 @@ def test_sliced_next_token_kl_matches_the_whole_tensor_formula_in_double(rows, v
         TWEAK.next_token_kl(torch.zeros(2, 3, 96), torch.zeros(2, 3, 95))
 
 
+def test_kl_judge_measures_on_evenly_spread_samples_and_leaves_the_same_norms():
+    """kl_judge=2 of 8 training samples: the reported KL is the mean over samples 0 and 4, before and after, and the
+    trained norm is the one a judge on every sample leaves (the judge decides only the rollback)."""
+    from normtweak.tweak import NormInfo, next_token_kl, tweak_norms_kl
+
+    g = torch.Generator().manual_seed(8)
+    C, V = 16, 40
+    head = torch.nn.Linear(C, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(V, C, generator=g))
+    fs = torch.randn(8, 12, C, generator=g)
+    qs = fs * (1 + 0.3 * torch.rand(C, generator=g))
+    results, weights = [], []
+    for judge in (0, 2):
+        qnorm = torch.nn.RMSNorm(C, eps=1e-6)
+        seen: list[list[int]] = []
+
+        def quant_logits(idx, _n=qnorm, _seen=seen):
+            _seen.append(list(idx))
+            return head(_n(qs[idx]))
+
+        float_logits = lambda idx: head(fs[idx])  # noqa: E731
+        norm = NormInfo("norm", qnorm, "rms", 1e-6)
+        before = [next_token_kl(quant_logits([j]), float_logits([j])).item() for j in range(8)]
+        seen.clear()
+        r = tweak_norms_kl([norm], quant_logits, float_logits, 8, nt.TweakConfig(kl_lr=3e-2, kl_judge=judge),
+                           frozen=head.parameters())
+        calls = list(seen)
+        with torch.no_grad():
+            after = [next_token_kl(quant_logits([j]), float_logits([j])).item() for j in range(8)]
+        results.append((r, before, after, calls))
+        weights.append(qnorm.weight.detach().clone())
+    (every, b0, a0, seen0), (two, b2, a2, seen2) = results
+    assert every["judged"] == 8 and two["judged"] == 2 and not two["rolled_back"]
+    assert every["loss_before"] == pytest.approx(sum(b0) / 8, rel=FWD_REL)
+    assert two["loss_before"] == pytest.approx((b2[0] + b2[4]) / 2, rel=FWD_REL)
+    assert two["loss_after"] == pytest.approx((a2[0] + a2[4]) / 2, rel=FWD_REL)
+    # judged before and after, trained once; the rest trained only
+    assert seen2 == [[0], [4]] + [[j] for j in range(8)] + [[0], [4]] and len(seen0) == 3 * 8
+    assert torch.equal(weights[0], weights[1])
+    with pytest.raises(ValueError, match="kl_judge=-1"):
+        nt.TweakConfig(kl_judge=-1)
+
+
 def test_kl_tweak_moves_the_quantized_distribution_toward_the_float_one():
     """A head fed by a perturbed hidden state: the KL tweak of the norm lowers the KL on held-out samples, leaves
     the head alone, and rolls back when the rate is absurd."""
