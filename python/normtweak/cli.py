@@ -89,7 +89,8 @@ def _tweak_config(args):
 
 
 def _kl_cell(f: dict) -> str:
-    return f"{f['loss_before']:.4g} -> {f['loss_after']:.4g} nats" + (" (rolled back)" if f["rolled_back"] else "")
+    return (f"{f['loss_before']:.4g} -> {f['loss_after']:.4g} nats on {f['judged']} samples"
+            + (" (rolled back)" if f["rolled_back"] else ""))
 
 
 def _summary(report, out: Path, seconds: float) -> None:

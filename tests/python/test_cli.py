@@ -23,6 +23,7 @@ def test_quantize_with_report_then_eval(tiny_model_dir, tmp_path, capsys):
     assert rc == 0
     summary = capsys.readouterr().out
     assert "mean |d mu| after" in summary and "RTN fallbacks" in summary and "KL tweak (final): next-token KL" in summary
+    assert "nats on 4 samples" in summary
     # The tweaked final norm is what the checkpoint holds.
     from safetensors.torch import load_file
 
