@@ -539,6 +539,8 @@ class NextTokenKLFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # The log-softmaxes are computed again, a slice at a time: keeping them from the forward would hold two
+        # more logits-sized tensors between forward and backward.
         q_logits, f_logits = ctx.saved_tensors
         V = q_logits.shape[-1]
         grad = torch.empty((q_logits.numel() // V, V), dtype=torch.float32, device=q_logits.device)

@@ -316,6 +316,7 @@ def test_kl_judge_measures_on_evenly_spread_samples_and_leaves_the_same_norms():
     (every, b0, a0, seen0), (two, b2, a2, seen2) = results
     assert every["judged"] == 8 and two["judged"] == 2 and not two["rolled_back"]
     assert every["loss_before"] == pytest.approx(sum(b0) / 8, rel=FWD_REL)
+    assert every["loss_after"] == pytest.approx(sum(a0) / 8, rel=FWD_REL)
     assert two["loss_before"] == pytest.approx((b2[0] + b2[4]) / 2, rel=FWD_REL)
     assert two["loss_after"] == pytest.approx((a2[0] + a2[4]) / 2, rel=FWD_REL)
     # judged before and after, trained once; the rest trained only
